@@ -1,0 +1,88 @@
+"""Command-line options shared by the programs (DESIGN §3).
+
+getopt rather than argparse: smap parses its command line once per
+connection under inetd, and start-up cost matters there.
+"""
+
+import getopt
+import sys
+
+from common import __version__, netperm
+
+DEFAULT_TABLE = "/etc/mailwall/netperm-table"
+COMMON_SHORT = "c:nhF"
+COMMON_LONG = ["config=", "check", "help", "version", "foreground"]
+
+
+class Options:
+    def __init__(self):
+        self.config = DEFAULT_TABLE
+        self.check = False
+        self.foreground = False
+        self.daemon = None
+        self.flags = set()
+        self.args = []
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse(argv, usage, short="", long=(), with_daemon=False):
+    """Options from argv; prints usage/version and exits for -h/--version."""
+    longs = COMMON_LONG + list(long) + (["daemon="] if with_daemon else [])
+    try:
+        pairs, rest = getopt.getopt(argv, COMMON_SHORT + short, longs)
+    except getopt.GetoptError as err:
+        raise UsageError(str(err)) from None
+    options = Options()
+    for flag, value in pairs:
+        if flag in ("-c", "--config"):
+            options.config = value
+        elif flag in ("-n", "--check"):
+            options.check = True
+        elif flag in ("-F", "--foreground"):
+            options.foreground = True
+        elif flag == "--daemon":
+            options.daemon = value
+        elif flag in ("-h", "--help"):
+            sys.stdout.write(usage)
+            raise SystemExit(0)
+        elif flag == "--version":
+            sys.stdout.write("mailwall %s\n" % __version__)
+            raise SystemExit(0)
+        else:
+            options.flags.add(flag)
+    options.args = rest
+    return options
+
+
+def parse_listen(text, default_port):
+    """(address, port) from [ADDR:]PORT; the address defaults to all of IPv4."""
+    if text.isdigit():
+        host, port = "0.0.0.0", int(text)
+    else:
+        host, port = netperm.parse_hostport(text, default_port)
+    if not 1 <= port <= 65535:
+        raise UsageError("port out of range: %s" % text)
+    return host, port
+
+
+def check_table(config, stream):
+    """The -n/--check report: problems as FILE:LINE: message; exit status."""
+    for problem in config.problems:
+        stream.write("%s\n" % problem)
+    return 1 if config.errors else 0
+
+
+def load_or_die(options, program, stream):
+    """The table, or exit 1 with its problems on `stream` (None: silently)."""
+    config = netperm.load(options.config, program)
+    if options.check:
+        raise SystemExit(check_table(config, stream or sys.stdout))
+    if config.errors:
+        if stream is not None:
+            for problem in config.problems:
+                stream.write("%s\n" % problem)
+        raise SystemExit(1)
+    return config

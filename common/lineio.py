@@ -1,0 +1,130 @@
+"""Bounded CRLF framing and reads with deadlines.
+
+`LineSplitter` is pure: it takes bytes and hands out complete lines.  Only
+CRLF ends a line; a bare CR or bare LF is reported, never treated as an end
+of line (SMTP smuggling).  A line longer than its limit is reported once and
+then skipped up to its CRLF, so a client cannot make the buffer grow.
+`Channel` reads and writes a descriptor (socket or pipe, as inetd and
+`swaks --pipe` hand them) with an idle deadline.
+"""
+
+import errno
+import os
+import select
+
+LINE, TOO_LONG, BARE = "line", "too-long", "bare"
+READ_SIZE = 65536
+
+
+class LineSplitter:
+    """feed(bytes); then next() gives (kind, line) or None when a line is incomplete."""
+
+    def __init__(self, limit):
+        self.limit = limit          # octets including the CRLF
+        self.buffer = bytearray()
+        self.skipping = False
+
+    def feed(self, data):
+        self.buffer += data
+
+    def pending(self):
+        """Bytes received but not yet handed out."""
+        return len(self.buffer)
+
+    def next(self):
+        while True:
+            buf = self.buffer
+            end = buf.find(b"\r\n")
+            head = buf if end < 0 else buf[:end]
+            # Within the current line any CR or LF is bare; a CR at the very
+            # end of the buffer may still be followed by its LF.
+            bare = _first_bare(head, complete=end >= 0)
+            if bare is not None:
+                return BARE, bytes(buf[:bare + 1])
+            if end < 0:
+                if len(buf) >= self.limit:
+                    keep = b"\r" if buf.endswith(b"\r") else b""
+                    del buf[:]
+                    buf += keep
+                    if not self.skipping:
+                        self.skipping = True
+                        return TOO_LONG, b""
+                return None
+            line = bytes(buf[:end + 2])
+            del buf[:end + 2]
+            if self.skipping:
+                self.skipping = False    # the tail of a line already reported
+                continue
+            if len(line) > self.limit:
+                return TOO_LONG, line[:self.limit]
+            return LINE, line
+
+    def take_rest(self):
+        rest = bytes(self.buffer)
+        del self.buffer[:]
+        return rest
+
+
+def _first_bare(head, complete):
+    """Index of the first CR or LF in head, ignoring a final CR when the line is
+    not complete yet; None if there is none."""
+    lf = head.find(b"\n")
+    cr = head.find(b"\r")
+    if not complete and cr == len(head) - 1 and cr >= 0:
+        cr = head.find(b"\r", 0, cr)
+        if cr < 0:
+            cr = -1
+    found = [i for i in (lf, cr) if i >= 0]
+    return min(found) if found else None
+
+
+class Timeout(Exception):
+    pass
+
+
+class Closed(Exception):
+    pass
+
+
+class Channel:
+    """A client connection on two descriptors (they are the same socket under inetd)."""
+
+    def __init__(self, read_fd=0, write_fd=1):
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.poller = select.poll()
+        self.poller.register(read_fd, select.POLLIN | select.POLLPRI)
+
+    def readable_now(self):
+        """Whether input is already waiting (used to catch talk before the banner)."""
+        return bool(self.poller.poll(0))
+
+    def read(self, timeout):
+        """Up to READ_SIZE bytes; raises Timeout after `timeout` idle seconds, Closed at EOF."""
+        if not self.poller.poll(int(timeout * 1000)):
+            raise Timeout()
+        try:
+            data = os.read(self.read_fd, READ_SIZE)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EINTR):
+                return b""
+            raise Closed() from None
+        if not data:
+            raise Closed()
+        self.bytes_in += len(data)
+        return data
+
+    def write(self, data, timeout=60):
+        view = memoryview(data)
+        while view:
+            try:
+                sent = os.write(self.write_fd, view)
+            except BlockingIOError:
+                select.select([], [self.write_fd], [], timeout)
+                continue
+            except OSError:
+                raise Closed() from None
+            self.bytes_out += sent
+            view = view[sent:]

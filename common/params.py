@@ -1,0 +1,116 @@
+"""Every tunable of mailwall, declared once.
+
+A tunable has a name, the programs that read it, a type, a default, bounds and
+a one-line doc.  The netperm-table reader converts and checks values with these
+declarations; the man pages and conf/netperm-table are tested against them, so
+none of the three can drift from the others.  Nothing here reads a file.
+"""
+
+from collections import namedtuple
+
+Param = namedtuple("Param", "name programs kind default low high doc")
+
+SMAP, SMAPD, POP3GW, AUTHMGR = "smap", "smapd", "pop3-gw", "authmgr"
+ALL = (SMAP, SMAPD, POP3GW, AUTHMGR)
+
+# kind: how the arguments are read
+#   int      one whole number within [low, high]
+#   user     a user name or uid;  group  a group name or gid
+#   path     one absolute path;   name  one word
+#   words    one or more words;   hostport  HOST[:PORT]
+#   command  an absolute path and its fixed arguments
+#   rules    host rules (permit-hosts / deny-hosts), see common.hostmatch
+#   patterns one or more host patterns
+#   bool     yes/no, on/off, true/false
+#   facility a syslog facility name
+_DECLARED = [
+    Param("userid", (SMAP, SMAPD), "user", "uucp", None, None,
+          "user the program runs as after start-up"),
+    Param("userid", (POP3GW,), "user", "nobody", None, None,
+          "user the session children run as"),
+    Param("groupid", (SMAP, SMAPD, POP3GW), "group", None, None, None,
+          "group to run as (default: the user's group); supplementary groups are always cleared"),
+    Param("directory", (SMAP, SMAPD), "path", "/var/spool/smap", None, None,
+          "the spool; smap and the smapd scanner chroot here"),
+    Param("directory", (POP3GW,), "path", "/var/empty", None, None,
+          "chroot of the session children"),
+    Param("hostname", (SMAP,), "name", None, None, None,
+          "name in the banner and the Received: line (default: the host's FQDN)"),
+    Param("timeout", (SMAP,), "int", 300, 1, 86400,
+          "idle limit in seconds for a command or a DATA line"),
+    Param("maxbytes", (SMAP,), "int", 10485760, 1024, 1073741824,
+          "message size limit in octets, advertised with ESMTP SIZE"),
+    Param("maxrecip", (SMAP,), "int", 100, 1, 10000,
+          "recipients per message (452 beyond)"),
+    Param("maxchildren", (SMAP,), "int", 200, 1, 10000,
+          "concurrent connections in --daemon mode (421 beyond)"),
+    Param("permit-hosts", (SMAP, POP3GW), "rules", None, None, None,
+          "host rule: who may connect (smap: everyone when no rule is given)"),
+    Param("deny-hosts", (SMAP, POP3GW), "rules", None, None, None,
+          "host rule: who may not connect"),
+    Param("accept-domains", (SMAP, SMAPD), "words", None, None, None,
+          "the site's own mail domains, subdomains included"),
+    Param("permit-relay", (SMAP,), "patterns", None, None, None,
+          "inside hosts that may send to any domain"),
+    Param("sendmail", (SMAPD,), "command", "/usr/sbin/sendmail -bm", None, None,
+          "the MTA; smapd appends -oi -f SENDER -- RCPT..."),
+    Param("mailhub", (SMAPD,), "hostport", "None", None, None,
+          "internal mail hub for the accept-domains, reached by SMTP (None: everything through sendmail)"),
+    Param("baddir", (SMAPD,), "path", None, None, None,
+          "quarantine for spool files that fail the checks (default: directory/bad)"),
+    Param("wakeup", (SMAPD,), "int", 60, 1, 86400,
+          "scan interval in seconds"),
+    Param("maxchildren", (SMAPD,), "int", 6, 1, 256,
+          "concurrent deliveries"),
+    Param("retry", (SMAPD,), "int", 600, 1, 604800,
+          "seconds between delivery attempts after a temporary failure"),
+    Param("maxage", (SMAPD,), "int", 432000, 60, 31536000,
+          "seconds after which undeliverable mail is bounced"),
+    Param("deliver-timeout", (SMAPD,), "int", 600, 1, 86400,
+          "time limit in seconds of one MTA run or mail hub transaction"),
+    Param("postmaster", (SMAPD,), "name", "postmaster", None, None,
+          "who hears about quarantined mail and double bounces"),
+    Param("shorten-domain", (SMAPD,), "words", None, None, None,
+          "rewrite user@host.DOMAIN to user@DOMAIN in From/Sender/Reply-To/Cc"),
+    Param("server", (POP3GW,), "hostport", None, None, None,
+          "POP3 server used when the user gives no %server"),
+    Param("authfile", (POP3GW, AUTHMGR), "path", "/etc/mailwall/pop3-auth", None, None,
+          "the APOP user database"),
+    Param("timeout", (POP3GW,), "int", 600, 1, 86400,
+          "idle limit in seconds (RFC 1939 asks for at least 10 minutes)"),
+    Param("badsleep", (POP3GW,), "int", 300, 0, 86400,
+          "seconds an account stays locked after maxbad bad logins"),
+    Param("maxbad", (POP3GW,), "int", 5, 1, 1000,
+          "bad logins in a row that lock an account"),
+    Param("maxchildren", (POP3GW,), "int", 200, 1, 10000,
+          "concurrent sessions in --daemon mode"),
+    Param("userpass", (POP3GW,), "bool", "no", None, None,
+          "also accept USER/PASS from clients (the secret then crosses the network)"),
+    Param("logfacility", ALL, "facility", "mail", None, None,
+          "syslog facility"),
+    Param("logsocket", ALL, "path", "/dev/log", None, None,
+          "syslog socket, opened before any chroot"),
+]
+
+
+def declared():
+    """All declarations, in the order above."""
+    return list(_DECLARED)
+
+
+def for_program(program):
+    """The declarations a program reads, keyed by attribute name."""
+    return {p.name: p for p in _DECLARED if program in p.programs}
+
+
+def attribute_names():
+    """Every attribute name any program knows."""
+    return sorted({p.name for p in _DECLARED})
+
+
+FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5,
+    "lpr": 6, "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    "local0": 16, "local1": 17, "local2": 18, "local3": 19, "local4": 20,
+    "local5": 21, "local6": 22, "local7": 23,
+}

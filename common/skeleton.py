@@ -1,0 +1,203 @@
+"""The shared process skeleton: inetd mode and the forking --daemon mode.
+
+inetd mode: the client is on fd 0 and fd 1, and fd 2 is very often the same
+socket, so fd 2 is pointed at /dev/null before anything can write to it.
+--daemon mode: listen, fork one child per connection, make the connection
+the child's fd 0/1 and run exactly the inetd-mode path; the parent reaps
+its children, bounds their number and answers SIGTERM (stop accepting) and
+SIGHUP (the program's reload hook).  The skeleton trusts its caller's
+handler to drop privileges; it never does work for a client itself.
+"""
+
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+
+_title = None
+
+
+def set_title(text):
+    """setproctitle when available (it is a dependency; tests may lack it)."""
+    global _title
+    if _title is None:
+        try:
+            from setproctitle import setproctitle as _title_func
+        except ImportError:  # pragma: no cover - the package is installed
+            _title_func = False
+        _title = _title_func
+    if _title:
+        _title(text)
+
+
+def silence_stderr():
+    """fd 2 → /dev/null: under inetd it is the client's socket."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 2)
+    if devnull != 2:
+        os.close(devnull)
+    sys.stderr = open(os.devnull, "w")
+
+
+def peer_of_fd(fd=0):
+    """A socket object on a dup of fd when fd is a socket, else None."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    return sock
+
+
+def listen(host, port, backlog=128):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(backlog)
+    return listener
+
+
+class Daemon:
+    """The forking accept loop."""
+
+    def __init__(self, listener, handle, log, maxchildren, busy_reply=b"",
+                 on_reload=None, title="daemon"):
+        self.listener = listener
+        self.handle = handle            # called in the child with the connection on fd 0/1
+        self.log = log
+        self.maxchildren = maxchildren
+        self.busy_reply = busy_reply
+        self.on_reload = on_reload
+        self.title = title
+        self.children = set()
+        self.stopping = False
+        self.reload = False
+
+    def _on_term(self, signum, frame):
+        self.stopping = True
+
+    def _on_hup(self, signum, frame):
+        self.reload = True
+
+    def reap(self):
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+
+    def run(self):
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        set_title(self.title)
+        try:
+            while not self.stopping:
+                self.reap()
+                if self.reload:
+                    self.reload = False
+                    if self.on_reload:
+                        self.on_reload()
+                try:
+                    ready, _, _ = select.select([self.listener, wake_r], [], [], 5.0)
+                except InterruptedError:
+                    continue
+                if wake_r in ready:
+                    try:
+                        while os.read(wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if self.listener in ready and not self.stopping:
+                    self.accept_one(wake_r, wake_w)
+        finally:
+            signal.set_wakeup_fd(-1)
+            self.listener.close()
+            os.close(wake_r)
+            os.close(wake_w)
+        self.log.info("stop", children=len(self.children))
+
+    def accept_one(self, wake_r, wake_w):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                self.log.error("accept", reason=err.strerror)
+            return
+        if len(self.children) >= self.maxchildren:
+            self.log.warning("busy", children=len(self.children), reason="maxchildren reached")
+            try:
+                conn.setblocking(False)
+                conn.send(self.busy_reply)
+            except OSError:
+                pass
+            conn.close()
+            return
+        pid = os.fork()
+        if pid:
+            self.children.add(pid)
+            conn.close()
+            return
+        # The child: exactly the inetd-mode path from here on.
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            os.close(wake_r)
+            os.close(wake_w)
+            self.listener.close()
+            os.dup2(conn.fileno(), 0)
+            os.dup2(conn.fileno(), 1)
+            conn.close()
+            silence_stderr()
+            status = self.handle() or 0
+        except SystemExit as done:
+            status = done.code if isinstance(done.code, int) else 0
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+
+
+def daemonize(pidfile=None, keep_fds=()):
+    """Detach with python-daemon (imported only here: inetd mode never pays for it)."""
+    import daemon
+    import daemon.pidfile
+    context = daemon.DaemonContext(
+        working_directory="/", umask=0o022, detach_process=True,
+        files_preserve=list(keep_fds),
+        pidfile=daemon.pidfile.TimeoutPIDLockFile(pidfile) if pidfile else None,
+        signal_map={})
+    context.open()
+    return context
+
+
+def write_pidfile(path):
+    """Write our pid (foreground mode); refuses if a live process holds it."""
+    try:
+        with open(path) as existing:
+            other = int(existing.read().strip() or 0)
+        if other and other != os.getpid():
+            try:
+                os.kill(other, 0)
+                raise RuntimeError("already running as pid %d (%s)" % (other, path))
+            except ProcessLookupError:
+                pass
+    except (OSError, ValueError):
+        pass
+    tmp = "%s.%d" % (path, os.getpid())
+    with open(tmp, "w") as out:
+        out.write("%d\n" % os.getpid())
+    os.rename(tmp, path)

@@ -1,0 +1,277 @@
+"""The spool: one file per message, crash-safe by the order of its operations.
+
+Layout under the spool directory (smap's chroot):
+
+    tmp/ID        a message being received; never looked at by smapd
+    queue/ID      a complete message: only ever created by rename from tmp/
+    state/ID      smapd's delivery state for queue/ID (written atomically)
+    bad/          the default quarantine (baddir)
+    .trigger      a FIFO: smap writes a byte after each rename to wake smapd
+    .smapd.lock   held by the running smapd
+
+A message file is:
+
+    MAILWALL-SPOOL 1\\n
+    key value\\n ...          (id, arrival, client-addr, client-name, helo,
+                              sender, rcpt (repeated), size)
+    \\n
+    <message octets, CRLF lines, dot-unstuffed>
+    \\nMAILWALL-END <message length>\\n
+
+so a truncated file, or one without its end marker, is detected.  Envelope
+values never contain a control character (smap checks them; `read_message`
+checks again and trusts nothing).  The writer says a message is safe only
+after write, fsync, rename into queue/ and fsync of queue/.
+"""
+
+import errno
+import os
+import time
+
+MAGIC = b"MAILWALL-SPOOL 1\n"
+END = b"\nMAILWALL-END "
+TMP, QUEUE, STATE, BAD = "tmp", "queue", "state", "bad"
+TRIGGER = ".trigger"
+LOCK = ".smapd.lock"
+STALE_TMP_SECONDS = 36 * 3600
+MAX_ENVELOPE = 1 << 20
+MAX_RCPT_FIELDS = 100000
+ENVELOPE_KEYS = ("id", "arrival", "client-addr", "client-name", "helo", "sender", "rcpt", "size")
+
+
+class SpoolError(Exception):
+    """A spool file is not a complete, well-formed message file."""
+
+
+def make_dirs(root, uid=None, gid=None):
+    """Create the spool's subdirectories (mode 0700) and the trigger FIFO."""
+    for name in (TMP, QUEUE, STATE, BAD):
+        path = os.path.join(root, name)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        if uid is not None:
+            os.chown(path, uid, gid)
+    fifo = os.path.join(root, TRIGGER)
+    try:
+        os.mkfifo(fifo, 0o600)
+    except FileExistsError:
+        pass
+    if uid is not None:
+        os.chown(fifo, uid, gid)
+
+
+_counter = [0]
+
+
+def new_id(now=None):
+    """A queue id unique on this host: time, pid and a counter, in hex."""
+    _counter[0] += 1
+    now = time.time() if now is None else now
+    micro = int(now * 1000000)
+    return "%011X%05X%02X" % (micro & 0xFFFFFFFFFFF, os.getpid() & 0xFFFFF,
+                              _counter[0] & 0xFF)
+
+
+def valid_id(text):
+    return 4 <= len(text) <= 64 and all(c in "0123456789ABCDEFabcdef" for c in text)
+
+
+def encode_envelope(envelope):
+    """The header block for an envelope dict (values already checked)."""
+    lines = [MAGIC]
+    for key in ENVELOPE_KEYS:
+        values = envelope.get(key)
+        if values is None:
+            continue
+        for value in values if isinstance(values, list) else [values]:
+            text = str(value)
+            if any(ord(c) < 32 or ord(c) == 127 for c in text):
+                raise ValueError("control character in envelope %s" % key)
+            lines.append(("%s %s\n" % (key, text)).encode("utf-8", "surrogateescape"))
+    lines.append(b"\n")
+    return b"".join(lines)
+
+
+class MessageWriter:
+    """Writes one message into tmp/, then commits it into queue/."""
+
+    def __init__(self, root, message_id):
+        self.root = root
+        self.id = message_id
+        self.tmp_path = os.path.join(root, TMP, message_id)
+        self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.length = 0
+        self.chunks = []
+        self.buffered = 0
+
+    def start(self, envelope):
+        self._write(encode_envelope(envelope))
+
+    def write(self, data):
+        self.length += len(data)
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered >= 262144:
+            self.flush()
+
+    def flush(self):
+        if self.chunks:
+            self._write(b"".join(self.chunks))
+            self.chunks = []
+            self.buffered = 0
+
+    def _write(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def commit(self):
+        """fsync, rename into queue/, fsync queue/: only then is the message safe."""
+        self.flush()
+        self._write(END + b"%d\n" % self.length)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        final = os.path.join(self.root, QUEUE, self.id)
+        os.rename(self.tmp_path, final)
+        fsync_dir(os.path.join(self.root, QUEUE))
+
+    def abort(self):
+        """Remove the temporary file; nothing was promised for it."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        try:
+            os.unlink(self.tmp_path)
+        except OSError:
+            pass
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def poke(root):
+    """Wake smapd through the trigger FIFO; harmless if nobody listens."""
+    try:
+        fd = os.open(os.path.join(root, TRIGGER), os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        os.write(fd, b"!")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return True
+
+
+def parse_envelope(block):
+    """A dict from the header block (without MAGIC and the blank line)."""
+    envelope = {"rcpt": []}
+    if len(block) > MAX_ENVELOPE:
+        raise SpoolError("envelope too large")
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpoolError("envelope is not UTF-8") from None
+    for line in text.split("\n"):
+        if not line:
+            continue
+        key, _, value = line.partition(" ")
+        if key not in ENVELOPE_KEYS:
+            raise SpoolError("unknown envelope field %r" % key[:40])
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise SpoolError("control character in envelope field %s" % key)
+        if key == "rcpt":
+            if len(envelope["rcpt"]) >= MAX_RCPT_FIELDS:
+                raise SpoolError("too many recipients")
+            envelope["rcpt"].append(value)
+        elif key in envelope:
+            raise SpoolError("envelope field %s given twice" % key)
+        else:
+            envelope[key] = value
+    for key in ("id", "arrival", "sender"):
+        if key not in envelope:
+            raise SpoolError("envelope has no %s" % key)
+    if not envelope["rcpt"]:
+        raise SpoolError("envelope has no recipient")
+    if not valid_id(envelope["id"]):
+        raise SpoolError("bad queue id")
+    try:
+        envelope["arrival"] = float(envelope["arrival"])
+    except ValueError:
+        raise SpoolError("bad arrival time") from None
+    return envelope
+
+
+def locate(fd):
+    """(envelope, message offset, message length) of an open spool file."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, min(size, MAX_ENVELOPE + len(MAGIC) + 2), 0)
+    if not head.startswith(MAGIC):
+        raise SpoolError("no spool header (not a mailwall spool file)")
+    split = head.find(b"\n\n", len(MAGIC) - 1)
+    if split < 0:
+        raise SpoolError("envelope not terminated")
+    envelope = parse_envelope(head[len(MAGIC):split + 1])
+    offset = split + 2
+    tail = os.pread(fd, 64, max(offset, size - 64))
+    mark = tail.rfind(END)
+    if mark < 0 or not tail.endswith(b"\n"):
+        raise SpoolError("no end marker (truncated)")
+    try:
+        length = int(tail[mark + len(END):-1])
+    except ValueError:
+        raise SpoolError("bad end marker") from None
+    if offset + length + len(END) + len(b"%d\n" % length) != size:
+        raise SpoolError("length does not match end marker (truncated or altered)")
+    return envelope, offset, length
+
+
+def read_message(path):
+    """(envelope, message bytes) of a queue file; raises SpoolError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        envelope, offset, length = locate(fd)
+        return envelope, os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def sweep_tmp(root, now=None, max_age=STALE_TMP_SECONDS):
+    """Remove temporary files older than max_age; returns their names."""
+    now = time.time() if now is None else now
+    removed = []
+    directory = os.path.join(root, TMP)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if now - os.lstat(path).st_mtime > max_age:
+                os.unlink(path)
+                removed.append(name)
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise
+    return removed
+
+
+def queued(root):
+    """Names of the complete messages in queue/ (never anything else)."""
+    try:
+        return sorted(n for n in os.listdir(os.path.join(root, QUEUE)) if valid_id(n))
+    except OSError:
+        return []

@@ -1,0 +1,1 @@
+"""smap: the SMTP receiver that faces the Internet (DESIGN §5)."""

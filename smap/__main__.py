@@ -1,0 +1,5 @@
+import sys
+
+from smap.main import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""smap's command line and its connection path (DESIGN §3, §5).
+
+inetd mode: the client is on fd 0/1.  --daemon [ADDR:]PORT: listen and fork
+one child per connection that runs exactly the inetd path.  The path is:
+read the table, open the log, silence fd 2, learn the peer, apply the host
+rules, make sure the spool is there, chroot to it and drop to userid, then
+run the SMTP session until it ends.  Everything needed after the chroot is
+imported before it.
+"""
+
+import os
+import socket
+import sys
+import time
+
+from common import cli, hostmatch, lineio, log, privs, skeleton, spool
+from smap import session
+
+USAGE = """usage: smap [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F]] [--version]
+  no mode argument: inetd mode, the client on fd 0/1
+  --daemon [ADDR:]PORT  listen and fork one child per connection
+  -F                    with --daemon: stay in the foreground
+  -c, --config TABLE    the netperm-table (default /etc/mailwall/netperm-table)
+  -n, --check           check the table, print problems, exit 0 or 1
+"""
+
+PROGRAM = "smap"
+_fqdn = []
+
+
+def default_hostname():
+    if not _fqdn:
+        _fqdn.append(socket.getfqdn())
+    return _fqdn[0]
+
+
+def connection(config, logger):
+    """One SMTP connection on fd 0/1, start to end (inetd mode and daemon children)."""
+    started = time.monotonic()
+    channel = lineio.Channel(0, 1)
+    sock = skeleton.peer_of_fd(0)
+    peer = hostmatch.peer_of_socket(sock) if sock is not None else hostmatch.Peer()
+    if sock is not None:
+        sock.detach()
+    skeleton.set_title("smap: %s" % peer.addr_text)
+    logger.info("connect", host=peer.name_text, addr=peer.addr_text)
+    if peer.spoofed:
+        logger.warning("spoof", addr=peer.addr_text,
+                       reason="reverse name does not resolve back to the address")
+    hostname = config.get("hostname") or default_hostname()
+    permitted, _ = hostmatch.decide(config.rules, peer, default=True)
+    if not permitted:
+        logger.notice("deny", host=peer.name_text, addr=peer.addr_text,
+                      reason="no permit-hosts rule for this host")
+        channel.write(b"554 5.7.1 %s: access denied\r\n" % hostname.encode())
+        return 0
+    relay_ok = hostmatch.list_matches(config.get("permit-relay") or [], peer.addr, peer.name)
+    policy = session.Policy(hostname, config.get("maxbytes"), config.get("maxrecip"),
+                            config.get("accept-domains") or (), relay_ok)
+    directory = config.get("directory")
+    uid, gid, _ = privs.user_and_group(config)
+    if not os.path.isdir(os.path.join(directory, spool.QUEUE)):
+        spool.make_dirs(directory, uid if os.geteuid() == 0 else None, gid)
+    jailed = privs.drop(directory, uid, gid)
+    if not jailed:
+        logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
+    smtp = session.Session(policy, peer, "/" if jailed else directory, logger)
+    timeout = config.get("timeout")
+    try:
+        if channel.readable_now():
+            channel.write(smtp.pregreet())
+        else:
+            channel.write(smtp.greeting())
+        while not smtp.closed:
+            try:
+                data = channel.read(timeout)
+            except lineio.Timeout:
+                channel.write(smtp.timeout())
+                break
+            except lineio.Closed:
+                smtp.eof()
+                break
+            reply = smtp.feed(data)
+            if reply:
+                channel.write(reply)
+    except lineio.Closed:
+        smtp.eof()
+    logger.info("disconnect", host=peer.name_text, addr=peer.addr_text,
+                messages=smtp.messages, bytes_in=channel.bytes_in,
+                bytes_out=channel.bytes_out, duration="%.3f" % (time.monotonic() - started))
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    inetd = "--daemon" not in argv and not any(a.startswith("--daemon=") for a in argv) \
+        and not {"-n", "--check", "-h", "--help", "--version"} & set(argv)
+    if inetd:
+        skeleton.silence_stderr()   # fd 2 is the client's socket under inetd
+    try:
+        options = cli.parse(argv, USAGE, with_daemon=True)
+    except cli.UsageError as err:
+        if not inetd:
+            sys.stderr.write("smap: %s\n%s" % (err, USAGE))
+        return 2
+    config = cli.load_or_die(options, PROGRAM, None if inetd else sys.stderr)
+    echo = sys.stderr if options.daemon and options.foreground and sys.stderr.isatty() else None
+    logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
+    if options.daemon is None:
+        return connection(config, logger)
+    default_hostname()          # once, not in every child
+    host, port = cli.parse_listen(options.daemon, 25)
+    listener = skeleton.listen(host, port)
+    if not options.foreground:
+        skeleton.daemonize(keep_fds=[listener.fileno()] + ([logger.sock.fileno()] if logger.sock else []))
+    logger.info("listen", addr=host, port=port)
+    server = skeleton.Daemon(listener, lambda: connection(config, logger), logger,
+                             config.get("maxchildren"),
+                             busy_reply=b"421 4.3.2 Too many connections, try again later\r\n",
+                             title="smap: listening on %s:%d" % (host, port))
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
