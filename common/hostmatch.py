@@ -84,7 +84,7 @@ class PatternError(ValueError):
 class Pattern:
     """One host pattern; `matches(addr, name)` with either possibly None."""
 
-    __slots__ = ("text", "negated", "network", "glob")
+    __slots__ = ("text", "negated", "network", "glob", "address_only")
 
     def __init__(self, text):
         self.text = text
@@ -113,6 +113,12 @@ class Pattern:
             if any(c.isspace() or ord(c) < 32 for c in body):
                 raise PatternError("bad host pattern %r" % body)
             self.glob = body.lower()
+        # A glob made of address characters (`10.1.*`, `fe80::*`) is meant
+        # for addresses: matching it against names too would let anyone who
+        # controls the reverse and forward DNS of their own addresses pick a
+        # name like `10.1.evil.example` and pass as an inside host.
+        self.address_only = self.glob is not None and (
+            ":" in self.glob or all(c in "0123456789.*?[]" for c in self.glob))
 
     def hits(self, addr, name):
         """True when the pattern (ignoring its `!`) matches."""
@@ -127,6 +133,8 @@ class Pattern:
                 return False
         if fnmatch.fnmatchcase(addr, self.glob):
             return True
+        if self.address_only:
+            return False
         return name is not None and fnmatch.fnmatchcase(name, self.glob)
 
 

@@ -19,9 +19,16 @@ READ_SIZE = 65536
 class LineSplitter:
     """feed(bytes); then next() gives (kind, line) or None when a line is incomplete."""
 
+    # Consumed bytes are dropped from the front of the buffer only now and
+    # then, not after every line: deleting the head of a bytearray moves the
+    # rest, and doing that per line made a 64 KiB read of short DATA lines
+    # quadratic.
+    COMPACT_AT = 65536
+
     def __init__(self, limit):
         self.limit = limit          # octets including the CRLF
         self.buffer = bytearray()
+        self.start = 0              # first byte not yet handed out
         self.skipping = False
 
     def feed(self, data):
@@ -29,29 +36,39 @@ class LineSplitter:
 
     def pending(self):
         """Bytes received but not yet handed out."""
-        return len(self.buffer)
+        return len(self.buffer) - self.start
+
+    def _consume(self, upto):
+        self.start = upto
+        if self.start >= len(self.buffer):
+            del self.buffer[:]
+            self.start = 0
+        elif self.start >= self.COMPACT_AT:
+            del self.buffer[:self.start]
+            self.start = 0
 
     def next(self):
         while True:
-            buf = self.buffer
-            end = buf.find(b"\r\n")
-            head = buf if end < 0 else buf[:end]
+            buf, start = self.buffer, self.start
+            end = buf.find(b"\r\n", start)
+            stop = len(buf) if end < 0 else end
             # Within the current line any CR or LF is bare; a CR at the very
             # end of the buffer may still be followed by its LF.
-            bare = _first_bare(head, complete=end >= 0)
+            bare = _first_bare(buf, start, stop, complete=end >= 0)
             if bare is not None:
-                return BARE, bytes(buf[:bare + 1])
+                return BARE, bytes(buf[start:bare + 1])
             if end < 0:
-                if len(buf) >= self.limit:
+                if stop - start >= self.limit:
                     keep = b"\r" if buf.endswith(b"\r") else b""
                     del buf[:]
                     buf += keep
+                    self.start = 0
                     if not self.skipping:
                         self.skipping = True
                         return TOO_LONG, b""
                 return None
-            line = bytes(buf[:end + 2])
-            del buf[:end + 2]
+            line = bytes(buf[start:end + 2])
+            self._consume(end + 2)
             if self.skipping:
                 self.skipping = False    # the tail of a line already reported
                 continue
@@ -60,20 +77,19 @@ class LineSplitter:
             return LINE, line
 
     def take_rest(self):
-        rest = bytes(self.buffer)
+        rest = bytes(self.buffer[self.start:])
         del self.buffer[:]
+        self.start = 0
         return rest
 
 
-def _first_bare(head, complete):
-    """Index of the first CR or LF in head, ignoring a final CR when the line is
-    not complete yet; None if there is none."""
-    lf = head.find(b"\n")
-    cr = head.find(b"\r")
-    if not complete and cr == len(head) - 1 and cr >= 0:
-        cr = head.find(b"\r", 0, cr)
-        if cr < 0:
-            cr = -1
+def _first_bare(buf, start, stop, complete):
+    """Index of the first CR or LF in buf[start:stop], ignoring a final CR
+    when the line is not complete yet; None if there is none."""
+    lf = buf.find(b"\n", start, stop)
+    cr = buf.find(b"\r", start, stop)
+    if not complete and cr == stop - 1 and cr >= 0:
+        cr = buf.find(b"\r", start, cr)
     found = [i for i in (lf, cr) if i >= 0]
     return min(found) if found else None
 

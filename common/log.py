@@ -53,13 +53,15 @@ class Log:
         if self.sock is not None:
             return
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            sock = None
             try:
                 sock = socket.socket(socket.AF_UNIX, kind)
                 sock.connect(self.socket_path)
                 self.sock, self.kind = sock, kind
                 return
             except OSError:
-                sock.close()
+                if sock is not None:    # socket() itself may have failed (EMFILE)
+                    sock.close()
 
     def reopen(self, facility=None, socket_path=None):
         """Point the log at the table's logsocket/logfacility."""

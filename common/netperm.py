@@ -115,10 +115,10 @@ def convert(param, args):
     if kind in ("int",):
         if len(args) != 1:
             raise ValueError("needs exactly one number")
-        try:
-            value = int(args[0], 10)
-        except ValueError:
-            raise ValueError("%r is not a whole number" % args[0]) from None
+        # int() alone would also take "+5", " 5", "1_000" and non-ASCII digits
+        if not (args[0].isascii() and args[0].isdigit()):
+            raise ValueError("%r is not a whole number" % args[0])
+        value = int(args[0], 10)
         if value < param.low or value > param.high:
             raise ValueError("%d is outside %d..%d" % (value, param.low, param.high))
         return value

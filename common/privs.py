@@ -30,19 +30,22 @@ def drop(directory, uid, gid, chroot=True, osmod=os):
 
 
 def verify(uid, gid, osmod=os):
-    """Raise PrivilegeError unless the process is exactly uid/gid with no groups."""
+    """Raise PrivilegeError unless the process is exactly uid/gid with no groups
+    and cannot become root again."""
+    if uid == 0:
+        # `userid root` would make the whole drop a no-op: refuse it.
+        raise PrivilegeError("refusing to run as root (userid 0)")
     if osmod.getresuid() != (uid, uid, uid):
         raise PrivilegeError("uids are %r, not %d" % (osmod.getresuid(), uid))
     if osmod.getresgid() != (gid, gid, gid):
         raise PrivilegeError("gids are %r, not %d" % (osmod.getresgid(), gid))
     if [g for g in osmod.getgroups() if g != gid]:
         raise PrivilegeError("supplementary groups remain: %r" % osmod.getgroups())
-    if uid != 0:
-        try:
-            osmod.setuid(0)
-        except PermissionError:
-            return
-        raise PrivilegeError("root could be regained")
+    try:
+        osmod.setuid(0)
+    except PermissionError:
+        return
+    raise PrivilegeError("root could be regained")
 
 
 def user_and_group(config):

@@ -43,11 +43,12 @@ def silence_stderr():
 
 def peer_of_fd(fd=0):
     """A socket object on a dup of fd when fd is a socket, else None."""
+    duplicate = os.dup(fd)
     try:
-        sock = socket.socket(fileno=os.dup(fd))
+        return socket.socket(fileno=duplicate)
     except OSError:
+        os.close(duplicate)     # a pipe (swaks --pipe): do not leak the dup
         return None
-    return sock
 
 
 def listen(host, port, backlog=128):

@@ -44,7 +44,9 @@ class SpoolError(Exception):
 
 
 def make_dirs(root, uid=None, gid=None):
-    """Create the spool's subdirectories (mode 0700) and the trigger FIFO."""
+    """Create the spool (if missing, mode 0755), its subdirectories (mode
+    0700) and the trigger FIFO."""
+    os.makedirs(root, 0o755, exist_ok=True)
     for name in (TMP, QUEUE, STATE, BAD):
         path = os.path.join(root, name)
         try:
@@ -136,7 +138,17 @@ class MessageWriter:
         self.fd = None
         final = os.path.join(self.root, QUEUE, self.id)
         os.rename(self.tmp_path, final)
-        fsync_dir(os.path.join(self.root, QUEUE))
+        try:
+            fsync_dir(os.path.join(self.root, QUEUE))
+        except OSError:
+            # The rename may not survive a crash, and the client is about to
+            # hear 4xx and send again: take the file back so that the retry
+            # does not become a second copy.
+            try:
+                os.unlink(final)
+            except OSError:
+                pass
+            raise
 
     def abort(self):
         """Remove the temporary file; nothing was promised for it."""

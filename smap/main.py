@@ -25,6 +25,7 @@ USAGE = """usage: smap [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F]] [--version]
 """
 
 PROGRAM = "smap"
+SERVICE_UNAVAILABLE = b"421 4.3.0 %s Error: service not available, try again later\r\n"
 _fqdn = []
 
 
@@ -41,7 +42,7 @@ def connection(config, logger):
     sock = skeleton.peer_of_fd(0)
     peer = hostmatch.peer_of_socket(sock) if sock is not None else hostmatch.Peer()
     if sock is not None:
-        sock.detach()
+        sock.close()            # a dup of fd 0: closing it leaves fd 0 alone
     skeleton.set_title("smap: %s" % peer.addr_text)
     logger.info("connect", host=peer.name_text, addr=peer.addr_text)
     if peer.spoofed:
@@ -59,9 +60,16 @@ def connection(config, logger):
                             config.get("accept-domains") or (), relay_ok)
     directory = config.get("directory")
     uid, gid, _ = privs.user_and_group(config)
-    if not os.path.isdir(os.path.join(directory, spool.QUEUE)):
-        spool.make_dirs(directory, uid if os.geteuid() == 0 else None, gid)
-    jailed = privs.drop(directory, uid, gid)
+    try:
+        if not os.path.isdir(os.path.join(directory, spool.QUEUE)):
+            spool.make_dirs(directory, uid if os.geteuid() == 0 else None, gid)
+        jailed = privs.drop(directory, uid, gid)
+    except (OSError, privs.PrivilegeError) as err:
+        # No jail, no session: the client hears a plain SMTP 421 and retries.
+        logger.error("setup", addr=peer.addr_text,
+                     reason=getattr(err, "strerror", None) or str(err))
+        channel.write(SERVICE_UNAVAILABLE % hostname.encode())
+        return 1
     if not jailed:
         logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
     smtp = session.Session(policy, peer, "/" if jailed else directory, logger)
@@ -91,6 +99,21 @@ def connection(config, logger):
     return 0
 
 
+def write_quietly(fd, data):
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
+
+
+def refuse_inetd(reason):
+    """Start-up failed in inetd mode: one log line (default socket), a 421 to
+    the client, nothing on fd 2."""
+    log.Log(PROGRAM).error("abort", reason=reason)
+    write_quietly(1, b"421 4.3.0 Error: service not available, try again later\r\n")
+    return 1
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     inetd = "--daemon" not in argv and not any(a.startswith("--daemon=") for a in argv) \
@@ -102,12 +125,23 @@ def main(argv=None):
     except cli.UsageError as err:
         if not inetd:
             sys.stderr.write("smap: %s\n%s" % (err, USAGE))
-        return 2
-    config = cli.load_or_die(options, PROGRAM, None if inetd else sys.stderr)
+            return 2
+        return refuse_inetd("usage: %s" % err)
+    try:
+        config = cli.load_or_die(options, PROGRAM, None if inetd else sys.stderr)
+    except SystemExit:
+        if inetd and not options.check:
+            return refuse_inetd("the netperm-table %s has errors (smap -n)" % options.config)
+        raise
     echo = sys.stderr if options.daemon and options.foreground and sys.stderr.isatty() else None
     logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
     if options.daemon is None:
-        return connection(config, logger)
+        try:
+            return connection(config, logger)
+        except Exception as err:    # anything unforeseen: log it, the client sees SMTP
+            logger.error("abort", reason="%s: %s" % (type(err).__name__, err))
+            write_quietly(1, SERVICE_UNAVAILABLE % default_hostname().encode())
+            return 1
     default_hostname()          # once, not in every child
     host, port = cli.parse_listen(options.daemon, 25)
     listener = skeleton.listen(host, port)

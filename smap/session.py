@@ -101,6 +101,8 @@ class Session:
         """Consume client bytes; return everything smap answers to them."""
         if self.state == CLOSED:
             return b""
+        if self.state == GREETING:
+            return self.pregreet()
         self.splitter.feed(data)
         replies = []
         while self.state != CLOSED:
@@ -116,7 +118,8 @@ class Session:
                 replies.append(self.data_line(kind, line))
                 continue
             replies.append(self.command_line(kind, line))
-            if self.state != CLOSED and self.splitter.pending():
+            # The kept tail of an over-long line is not a second command.
+            if self.state != CLOSED and self.splitter.pending() and not self.splitter.skipping:
                 replies.append(self.improper_pipelining())
         return b"".join(replies)
 
@@ -205,10 +208,13 @@ class Session:
             if not self.esmtp:
                 return self.error(b"555 5.5.4 Error: parameters need EHLO\r\n",
                                   "MAIL parameter after HELO")
-            if key == "SIZE" and value.isdigit() and len(value) < 20:
-                if int(value) > self.policy.maxbytes:
+            if key == "SIZE":
+                if not (value.isascii() and value.isdigit()):
+                    return self.error(b"501 5.5.4 Syntax: SIZE=octets\r\n", "bad SIZE parameter")
+                # a 20-digit size is over any maxbytes; no need to convert it
+                if len(value) >= 20 or int(value) > self.policy.maxbytes:
                     return self.error(b"552 5.3.4 Error: message size exceeds fixed limit\r\n",
-                                      "SIZE=%s over maxbytes" % value)
+                                      "SIZE=%s over maxbytes" % value[:20])
             elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
                 pass
             else:
@@ -260,8 +266,10 @@ class Session:
                 "helo": self.helo, "sender": self.sender, "rcpt": self.recipients,
             })
             self.writer.write(self.received_header())
-        except OSError as err:
-            self.log.error("spool", id=self.id, reason=err.strerror or str(err))
+        except (OSError, ValueError) as err:
+            # ValueError: the envelope refused a value (a control character
+            # in a resolver's answer); answer 451 rather than crash.
+            self.log.error("spool", id=self.id, reason=getattr(err, "strerror", None) or str(err))
             self.abort_message()
             self.reset()
             self.state = READY
