@@ -1,0 +1,230 @@
+"""The APOP user database of pop3-gw and authmgr (DESIGN §8).
+
+One text file, owned by root and mode 0600 (APOP needs the secret itself, so
+the file's permissions are its only protection).  A header line, then one
+user a line, fields separated by a TAB:
+
+    name  flags  secret  bad  locked-until  last-login  full-name
+
+`flags` is `enabled` or `disabled`; `secret` and `full-name` are
+percent-encoded so that any character survives; `bad` counts bad logins in
+a row; `locked-until` and `last-login` are Unix times (0: never).
+
+Writers (authmgr, and the root side of each pop3-gw session reporting a
+login's outcome) take an exclusive fcntl lock on the side file `PATH.lock`,
+re-read the file, change it, write `PATH.tmp.PID` (0600, fsync) and rename
+it over PATH, then fsync the directory: readers never see half a file and
+two writers never lose each other's change.  Readers need no lock.
+
+The file is trusted only as far as `parse` checks it; a file that others
+may read or write, or that is not a regular file, is refused.
+"""
+
+import contextlib
+import fcntl
+import os
+import re
+import stat
+import time
+import urllib.parse
+
+HEADER = "# mailwall pop3-gw APOP users, version 1: edit with authmgr, not by hand"
+MAX_FILE_BYTES = 16 << 20
+MAX_SECRET = 255
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}")
+
+
+class AuthDbError(Exception):
+    """The database cannot be used (unreadable, unsafe or malformed)."""
+
+
+def valid_name(name):
+    return NAME.fullmatch(name) is not None
+
+
+def valid_secret(secret):
+    return 0 < len(secret) <= MAX_SECRET and all(32 <= ord(c) != 127 for c in secret)
+
+
+class User:
+    __slots__ = ("name", "enabled", "secret", "bad", "locked_until", "last_login", "fullname")
+
+    def __init__(self, name, enabled=True, secret="", bad=0, locked_until=0, last_login=0,
+                 fullname=""):
+        self.name, self.enabled, self.secret = name, enabled, secret
+        self.bad, self.locked_until, self.last_login = bad, locked_until, last_login
+        self.fullname = fullname
+
+    def locked(self, now):
+        return self.locked_until > now
+
+    def line(self):
+        return "\t".join([
+            self.name, "enabled" if self.enabled else "disabled",
+            urllib.parse.quote(self.secret, safe=""), str(self.bad),
+            str(self.locked_until), str(self.last_login),
+            urllib.parse.quote(self.fullname, safe="")])
+
+
+def parse(text, path="authfile"):
+    """{name: User} from the file's text; AuthDbError names the bad line."""
+    users = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        where = "%s:%d" % (path, number)
+        if len(fields) != 7:
+            raise AuthDbError("%s: %d fields, not 7" % (where, len(fields)))
+        name, flags, secret, bad, locked, last, fullname = fields
+        if not valid_name(name):
+            raise AuthDbError("%s: bad user name" % where)
+        if flags not in ("enabled", "disabled"):
+            raise AuthDbError("%s: bad flags %r" % (where, flags))
+        try:
+            numbers = [int(value, 10) for value in (bad, locked, last)]
+        except ValueError:
+            raise AuthDbError("%s: bad number" % where) from None
+        if any(value < 0 for value in numbers):
+            raise AuthDbError("%s: negative number" % where)
+        if name in users:
+            raise AuthDbError("%s: user %s listed twice" % (where, name))
+        users[name] = User(name, flags == "enabled", urllib.parse.unquote(secret, errors="strict"),
+                           numbers[0], numbers[1], numbers[2],
+                           urllib.parse.unquote(fullname, errors="replace"))
+    return users
+
+
+def format_users(users):
+    return HEADER + "\n" + "".join(users[name].line() + "\n" for name in sorted(users))
+
+
+def check_file(info, path):
+    """Refuse a file others may touch: the secrets are in clear."""
+    if not stat.S_ISREG(info.st_mode):
+        raise AuthDbError("%s is not a regular file" % path)
+    if info.st_mode & 0o077:
+        raise AuthDbError("%s is mode %04o; it must be 0600" % (path, info.st_mode & 0o7777))
+    if os.geteuid() == 0 and info.st_uid != 0:
+        raise AuthDbError("%s is not owned by root" % path)
+
+
+def load(path):
+    """(users, identity) from path; a missing file is an empty database."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}, None
+    except OSError as err:
+        raise AuthDbError("cannot open %s: %s" % (path, err.strerror)) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        check_file(info, path)
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise AuthDbError("%s is larger than %d bytes" % (path, MAX_FILE_BYTES))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AuthDbError("%s is not UTF-8 text" % path) from None
+    return parse(text, path), identity(info)
+
+
+def identity(info):
+    """What changes whenever the file is replaced or rewritten."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock for writers, on PATH.lock (PATH itself is replaced)."""
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write(path, users):
+    """Replace path atomically with users (call with the lock held)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = "%s.tmp.%d" % (path, os.getpid())
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(format_users(users).encode("utf-8"))
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o600)
+            os.fsync(handle.fileno())
+        os.rename(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def update(path, change):
+    """Lock, re-read, change(users) (it may raise to change nothing), write.
+    Returns what change returned."""
+    with locked(path):
+        users, _ = load(path)
+        result = change(users)
+        write(path, users)
+        return result
+
+
+def record_login(path, name, good, maxbad, badsleep, now=None):
+    """Count one login outcome: a good one clears the count and notes the
+    time; the maxbad-th bad one in a row locks the account for badsleep.
+    Returns the user's record after the change, or None if unknown."""
+    now = int(time.time() if now is None else now)
+
+    def change(users):
+        user = users.get(name)
+        if user is None:
+            return None
+        if good:
+            user.bad, user.last_login = 0, now
+        else:
+            user.bad += 1
+            if user.bad >= maxbad:
+                user.locked_until = now + badsleep
+                user.bad = 0
+        return user
+    return update(path, change)
+
+
+class Cache:
+    """The daemon's copy of the database: `refresh()` (cheap: one stat) reloads
+    it when the file changed; `reload()` always does (SIGHUP)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.users = {}
+        self.identity = "never loaded"
+        self.error = None
+
+    def reload(self):
+        try:
+            self.users, self.identity = load(self.path)
+            self.error = None
+        except AuthDbError as err:
+            self.users, self.identity, self.error = {}, "unusable", str(err)
+        return self.error
+
+    def refresh(self):
+        """Reload if the file is not the one loaded; returns True if it reloaded."""
+        try:
+            current = identity(os.stat(self.path))
+        except OSError:
+            current = None
+        if current == self.identity and self.error is None:
+            return False
+        self.reload()
+        return True
