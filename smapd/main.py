@@ -1,0 +1,42 @@
+"""smapd's command line (DESIGN §3): parse, load the table, pick the mode.
+
+The work is in smapd.control (start-up, lock, pid file, --flush, -q),
+smapd.scan (the chrooted scanner) and smapd.agent (the delivery agent).
+"""
+
+import sys
+
+from common import cli
+from smapd import control
+
+USAGE = """usage: smapd [-c TABLE] [-n] [-F | --once | -q | --flush] [--version]
+  (no mode)          daemonise and deliver the spool (pid file DIRECTORY/.smapd.pid)
+  -F, --foreground   stay in the foreground (the pid file is written too)
+  --once             one pass over the spool, wait for the deliveries, exit
+  -q, --queue        list the spool like mailq and exit
+  --flush            wake the running smapd now (retries deferred mail) and exit
+  -c, --config TABLE the netperm-table (default /etc/mailwall/netperm-table)
+  -n, --check        check the table, print problems, exit 0 or 1
+"""
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        options = cli.parse(argv, USAGE, short="q", long=["once", "queue", "flush"])
+    except cli.UsageError as err:
+        sys.stderr.write("smapd: %s\n%s" % (err, USAGE))
+        return 2
+    if options.args:
+        sys.stderr.write("smapd: unexpected argument %s\n%s" % (options.args[0], USAGE))
+        return 2
+    config = cli.load_or_die(options, control.PROGRAM, sys.stderr)
+    if options.flags & {"-q", "--queue"}:
+        return control.listing(config, sys.stdout)
+    if "--flush" in options.flags:
+        return control.flush(config, sys.stderr)
+    return control.start(config, options, sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""The scanner: smapd's chrooted, unprivileged main process (DESIGN §6, §7).
+
+It owns the queue.  It wakes every `wakeup` seconds, at once when smap
+pokes the trigger FIFO (held open O_RDWR so it never sees end-of-file),
+and on SIGUSR1 (`smapd --flush`, which also retries deferred mail now).
+For each message in queue/ it takes an exclusive flock on an open
+descriptor and checks by name that the file is still the one it opened,
+reads the delivery state, parses and checks the untrusted spool content
+(common.spool, smapd.checks), and hands the descriptor with a small
+request to the agent.  The agent's outcome decides: delivered → file
+removed; temporary → state saved, retried after `retry`, bounced after
+`maxage`; permanent → bounce (smapd.bounce).  Files that fail the checks
+are moved to `baddir` with a reason file and the postmaster hears of it.
+A bounce is committed to the spool before the original is removed, so a
+crash can duplicate a notice but never lose a message.
+
+It trusts the agent's answers only for the message ids and recipients it
+asked about.
+"""
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+import stat
+import time
+
+from common import address, skeleton, spool
+from smapd import agent, bounce, checks, state
+
+SWEEP_INTERVAL = 3600
+LOST_MARGIN = 60        # seconds beyond 2 × deliver-timeout after which a request counts as lost
+
+
+class Flight:
+    """A message the agent is delivering: its descriptor keeps the claim."""
+
+    def __init__(self, fd, envelope, record, header, targets, started):
+        self.fd = fd
+        self.envelope = envelope
+        self.state = record
+        self.header = header
+        self.targets = targets          # delivered address -> [envelope recipients]
+        self.started = started
+
+
+class Scanner:
+    def __init__(self, base, config, log, channel, trigger_fd, reporting_mta,
+                 baddir, once=False):
+        self.base = base
+        self.log = log
+        self.channel = channel
+        self.trigger_fd = trigger_fd
+        self.reporting_mta = reporting_mta
+        self.baddir = baddir
+        self.once = once
+        self.wakeup = config.get("wakeup")
+        self.retry = config.get("retry")
+        self.maxage = config.get("maxage")
+        self.maxchildren = config.get("maxchildren")
+        self.deliver_timeout = config.get("deliver-timeout")
+        self.postmaster = config.get("postmaster")
+        self.hub = config.get("mailhub")
+        self.accept_domains = config.get("accept-domains") or []
+        self.shorten_domains = config.get("shorten-domain") or []
+        self.inflight = {}
+        self.attempted = set()
+        self.rescan = True
+        self.flush = False
+        self.stopping = False
+        self.earliest_due = None
+        self.last_sweep = 0.0
+
+    # -- signals -------------------------------------------------------------
+    def on_term(self, signum, frame):
+        self.stopping = True
+
+    def on_flush(self, signum, frame):
+        self.flush = True
+        self.rescan = True
+
+    # -- the loop ------------------------------------------------------------
+    def run(self):
+        skeleton.set_title("smapd: scanner")
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_read, False)
+        os.set_blocking(wake_write, False)
+        signal.set_wakeup_fd(wake_write)
+        signal.signal(signal.SIGTERM, self.on_term)
+        signal.signal(signal.SIGINT, self.on_term)
+        signal.signal(signal.SIGUSR1, self.on_flush)
+        signal.signal(signal.SIGHUP, self.on_flush)
+        state.sweep_orphans(self.base)
+        next_scan = 0.0
+        status = 0
+        while True:
+            if self.stopping and not self.inflight:
+                break
+            self.expire_lost()
+            now = time.monotonic()
+            if self.once and not self.inflight:
+                self.rescan = True      # --once: look again once everything has settled
+            if not self.stopping and (self.rescan or now >= next_scan):
+                self.rescan = False
+                dispatched = self.scan()
+                next_scan = time.monotonic() + self.wakeup
+                if self.once and not dispatched and not self.inflight and not self.rescan:
+                    break
+            timeout = max(0.0, next_scan - time.monotonic())
+            if self.earliest_due is not None:
+                timeout = min(timeout, max(0.05, self.earliest_due - time.time()))
+            if self.rescan:
+                timeout = 0.0
+            watched = [wake_read, self.channel] + ([self.trigger_fd] if self.trigger_fd is not None else [])
+            try:
+                ready, _, _ = select.select(watched, [], [], min(timeout, 5.0))
+            except InterruptedError:
+                continue
+            if wake_read in ready:
+                drain(wake_read)
+            if self.trigger_fd is not None and self.trigger_fd in ready:
+                drain(self.trigger_fd)
+                self.rescan = True
+            if self.channel in ready and not self.receive():
+                self.log.error("agent-lost", reason="the delivery agent went away",
+                               inflight=len(self.inflight))
+                status = 1
+                break
+        self.log.info("stop", inflight=len(self.inflight))
+        return status
+
+    def receive(self):
+        try:
+            data = self.channel.recv(agent.MAX_RESULT + 1)
+        except InterruptedError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        try:
+            message_id, outcomes = agent.decode_result(data)
+        except (ValueError, KeyError, TypeError):
+            self.log.error("agent-result", reason="unreadable result from the agent")
+            return True
+        flight = self.inflight.pop(message_id, None)
+        if flight is None:
+            return True
+        try:
+            self.settle(message_id, flight, dict((r, (k, t)) for r, k, t in outcomes))
+        finally:
+            os.close(flight.fd)
+        return True
+
+    def expire_lost(self):
+        limit = 2 * self.deliver_timeout + LOST_MARGIN
+        now = time.monotonic()
+        for message_id, flight in list(self.inflight.items()):
+            if now - flight.started > limit:
+                del self.inflight[message_id]
+                try:
+                    self.settle(message_id, flight, {})
+                finally:
+                    os.close(flight.fd)
+
+    # -- scanning ------------------------------------------------------------
+    def scan(self):
+        """One pass over queue/; returns how many messages were handed over."""
+        now = time.time()
+        if now - self.last_sweep > SWEEP_INTERVAL:
+            self.last_sweep = now
+            for name in spool.sweep_tmp(self.base):
+                self.log.notice("sweep", id=name, reason="stale temporary file removed")
+        force, self.flush = self.flush, False
+        self.earliest_due = None
+        dispatched = 0
+        for name in spool.queued(self.base):
+            if len(self.inflight) >= self.maxchildren:
+                self.rescan = False
+                break
+            if name in self.inflight or (self.once and name in self.attempted):
+                continue
+            fd = self.claim(name)
+            if fd is None:
+                continue
+            try:
+                handed = self.consider(name, fd, now, force)
+            except OSError as err:
+                self.log.error("spool", id=name, reason=err.strerror or str(err))
+                handed = False
+            if handed:
+                dispatched += 1
+            else:
+                os.close(fd)
+        return dispatched
+
+    def claim(self, name):
+        """An open, flocked descriptor of queue/name, or None (busy or gone)."""
+        path = os.path.join(self.base, spool.QUEUE, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                self.quarantine_path(name, "not a regular file (symbolic link)")
+            else:
+                self.log.error("spool", id=name, reason=err.strerror)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            opened = os.fstat(fd)
+            named = os.lstat(path)
+        except OSError:
+            os.close(fd)
+            return None
+        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            os.close(fd)        # renamed or replaced while we locked it
+            return None
+        if not stat.S_ISREG(opened.st_mode):
+            os.close(fd)
+            self.quarantine_path(name, "not a regular file")
+            return None
+        return fd
+
+    def consider(self, name, fd, now, force):
+        """Check one claimed message and hand it to the agent; False to let it go."""
+        record = state.load(self.base, name)
+        if record.next_try > now and not force:
+            if self.earliest_due is None or record.next_try < self.earliest_due:
+                self.earliest_due = record.next_try
+            return False
+        self.attempted.add(name)
+        try:
+            envelope, offset, length = spool.locate(fd)
+        except spool.SpoolError as err:
+            self.quarantine(name, fd, str(err))
+            return False
+        if envelope["id"] != name:
+            self.quarantine(name, fd, "queue id in the file does not match its name")
+            return False
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            self.quarantine(name, fd, "file shorter than its end marker says")
+            return False
+        reason = checks.problem_of(envelope, data)
+        if reason:
+            self.quarantine(name, fd, reason, envelope)
+            return False
+        header, _ = checks.split_message(data)
+        pending = record.pending(envelope["rcpt"])
+        flight = Flight(fd, envelope, record, header, {}, time.monotonic())
+        if not pending:
+            # everything was settled before a crash; only the removal is missing
+            self.complete(name, flight)
+            return False
+        for recipient in pending:
+            target = self.postmaster if recipient.lower() == "postmaster" else recipient
+            if target in flight.targets or len(flight.targets) < agent.MAX_RECIPIENTS:
+                flight.targets.setdefault(target, []).append(recipient)
+        hub = [t for t in flight.targets
+               if self.hub is not None and address.in_domains(t, self.accept_domains)]
+        mta = [t for t in flight.targets if t not in hub]
+        head = None
+        if self.shorten_domains:
+            shortened = checks.shorten(header, self.shorten_domains)
+            head = shortened if shortened != header else None
+        request = agent.encode_request(name, envelope["sender"], hub, mta, offset, length, head)
+        if len(request) > agent.MAX_REQUEST and head is not None:
+            self.log.warning("shorten", id=name, reason="header too large to rewrite")
+            request = agent.encode_request(name, envelope["sender"], hub, mta, offset, length)
+        socket.send_fds(self.channel, [request], [fd])
+        self.inflight[name] = flight
+        self.log.info("deliver", id=name, attempt=record.attempts + 1,
+                      **{"from": "<%s>" % envelope["sender"]},
+                      to=",".join("<%s>" % t for t in flight.targets))
+        return True
+
+    # -- outcomes --------------------------------------------------------------
+    def settle(self, name, flight, outcomes):
+        """Record the agent's outcomes and remove, defer, bounce or give up."""
+        record = flight.state
+        record.attempts += 1
+        temporary = False
+        for target, originals in flight.targets.items():
+            kind, text = outcomes.get(target, ("temp", "no outcome from the delivery agent"))
+            if kind == "ok":
+                record.done += originals
+            elif kind == "perm":
+                record.failed += [(r, text) for r in originals]
+            else:
+                temporary = True
+                record.last_error = text
+        now = time.time()
+        recipients = flight.envelope["rcpt"]
+        if not record.finished(recipients) and temporary:
+            age = now - flight.envelope["arrival"]
+            if age <= self.maxage:
+                record.next_try = now + self.retry
+                state.save(self.base, name, record)
+                self.log.notice("defer", id=name, attempts=record.attempts,
+                                reason=record.last_error, retry=self.retry)
+                return
+            for recipient in record.pending(recipients):
+                record.failed.append((recipient, "gave up after %d seconds: %s" % (
+                    age, record.last_error)))
+        if record.finished(recipients):
+            self.complete(name, flight)
+        else:
+            # more recipients than one request carries: the rest go out at once
+            record.next_try = 0.0
+            state.save(self.base, name, record)
+            self.rescan = True
+
+    def complete(self, name, flight):
+        """Every recipient is settled: bounce the failures, then remove the file."""
+        record = flight.state
+        if record.failed:
+            sender = flight.envelope["sender"]
+            if not sender and bounce.is_notice(flight.header):
+                # never bounce a bounce: keep it for the postmaster instead
+                self.quarantine(name, flight.fd, "undeliverable notice: " + record.failed[0][1],
+                                flight.envelope, tell=False)
+                return
+            to = sender or self.postmaster
+            failures = [(r, why, status_of(why)) for r, why in record.failed]
+            data = bounce.build_bounce(self.reporting_mta, flight.envelope, flight.header,
+                                       failures, to)
+            new_id = self.inject([to], data)
+            self.log.notice("bounce", id=name, bounce_id=new_id, to="<%s>" % to,
+                            failed=",".join("<%s>" % r for r, _ in record.failed))
+        queue_dir = os.path.join(self.base, spool.QUEUE)
+        os.unlink(os.path.join(queue_dir, name))
+        spool.fsync_dir(queue_dir)
+        state.remove(self.base, name)
+        self.log.info("done", id=name, attempts=record.attempts,
+                      delivered=len(record.done), failed=len(record.failed))
+
+    def inject(self, recipients, data):
+        """Spool a message of our own (a bounce or a notice), sender <>."""
+        new_id = spool.new_id()
+        writer = spool.MessageWriter(self.base, new_id)
+        try:
+            writer.start({"id": new_id, "arrival": "%.6f" % time.time(),
+                          "client-addr": "127.0.0.1", "client-name": "localhost",
+                          "helo": "smapd", "sender": "", "rcpt": list(recipients),
+                          "size": len(data)})
+            writer.write(data)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        self.rescan = True
+        return new_id
+
+    # -- quarantine --------------------------------------------------------------
+    def quarantine(self, name, fd, reason, envelope=None, tell=True):
+        self.quarantine_path(name, reason, envelope, tell)
+
+    def quarantine_path(self, name, reason, envelope=None, tell=True):
+        """Move queue/name to baddir with name.reason beside it; tell the postmaster."""
+        source = os.path.join(self.base, spool.QUEUE, name)
+        target = os.path.join(self.baddir, name)
+        suffix = 0
+        while os.path.lexists(target) or os.path.lexists(target + ".reason"):
+            suffix += 1
+            target = os.path.join(self.baddir, "%s.%d" % (name, suffix))
+        text = "queue id: %s\nreason: %s\nquarantined: %s\n" % (
+            name, reason, time.strftime("%Y-%m-%d %H:%M:%S +0000", time.gmtime()))
+        if envelope is not None:
+            text += "sender: <%s>\nrecipients: %s\n" % (
+                envelope["sender"], " ".join("<%s>" % r for r in envelope["rcpt"][:100]))
+        fd = os.open(target + ".reason", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8", "replace"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(source, target)
+        spool.fsync_dir(self.baddir)
+        spool.fsync_dir(os.path.join(self.base, spool.QUEUE))
+        state.remove(self.base, name)
+        self.log.warning("quarantine", id=name, reason=reason,
+                         file=os.path.basename(target))
+        if tell:
+            notice = bounce.build_notice(
+                self.reporting_mta, self.postmaster,
+                "mailwall: message %s quarantined" % name,
+                "smapd on %s moved message %s to the quarantine (%s).\n\n%s" % (
+                    self.reporting_mta, name, os.path.basename(target), text))
+            new_id = self.inject([self.postmaster], notice)
+            self.log.notice("notice", id=name, notice_id=new_id,
+                            to="<%s>" % self.postmaster)
+
+
+def status_of(reason):
+    """An RFC 3463 status for a failure text."""
+    for code, status in (("EX_NOUSER", "5.1.1"), ("EX_NOHOST", "5.1.2"),
+                         ("EX_DATAERR", "5.6.0"), ("gave up after", "4.4.7")):
+        if code in reason:
+            return status
+    return "5.0.0"
+
+
+def drain(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass

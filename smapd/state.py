@@ -1,0 +1,132 @@
+"""Per-message delivery state, kept in the spool as state/ID (DESIGN §6).
+
+The file is a few `key value` text lines: attempts, next-try (epoch
+seconds), last-error, one `done RCPT` per recipient already delivered and
+one `failed RCPT<TAB>REASON` per recipient that failed for good.  It is
+written to a temporary name, fsync'ed, renamed over state/ID and the
+directory fsync'ed, so a crash leaves either the old or the new state.
+Its content is trusted only as far as `load` checks it: a damaged file is
+treated as no state at all (at worst a recipient is tried again).
+"""
+
+import os
+
+from common import spool
+
+MAX_STATE = 1 << 20
+MAX_TEXT = 400
+
+
+class State:
+    """What smapd remembers about one message between attempts."""
+
+    def __init__(self):
+        self.attempts = 0
+        self.next_try = 0.0
+        self.last_error = ""
+        self.done = []
+        self.failed = []          # (recipient, reason)
+
+    def finished(self, recipients):
+        """Whether every recipient has been delivered or has failed for good."""
+        closed = set(self.done) | {r for r, _ in self.failed}
+        return all(r in closed for r in recipients)
+
+    def pending(self, recipients):
+        closed = set(self.done) | {r for r, _ in self.failed}
+        return [r for r in recipients if r not in closed]
+
+    def encode(self):
+        lines = ["attempts %d" % self.attempts, "next-try %.3f" % self.next_try]
+        if self.last_error:
+            lines.append("last-error %s" % one_line(self.last_error))
+        lines += ["done %s" % r for r in self.done]
+        lines += ["failed %s\t%s" % (r, one_line(why)) for r, why in self.failed]
+        return ("\n".join(lines) + "\n").encode("utf-8", "replace")
+
+
+def one_line(text):
+    """Text safe for one state line: printable, no tab or newline, bounded."""
+    text = "".join(c if c.isprintable() and c != "\t" else " " for c in str(text))
+    return text[:MAX_TEXT]
+
+
+def path_of(root, message_id):
+    return os.path.join(root, spool.STATE, message_id)
+
+
+def load(root, message_id):
+    """The State of a message; a fresh one if none exists or it is damaged."""
+    state = State()
+    try:
+        with open(path_of(root, message_id), "rb") as source:
+            data = source.read(MAX_STATE + 1)
+    except OSError:
+        return state
+    if len(data) > MAX_STATE:
+        return State()
+    try:
+        for line in data.decode("utf-8").split("\n"):
+            if not line:
+                continue
+            key, _, value = line.partition(" ")
+            if key == "attempts":
+                state.attempts = int(value)
+            elif key == "next-try":
+                state.next_try = float(value)
+            elif key == "last-error":
+                state.last_error = value
+            elif key == "done":
+                state.done.append(value)
+            elif key == "failed":
+                recipient, _, reason = value.partition("\t")
+                state.failed.append((recipient, reason))
+            else:
+                return State()
+    except ValueError:
+        return State()
+    return state
+
+
+def save(root, message_id, state):
+    """Write state/ID atomically: temporary file, fsync, rename, fsync dir."""
+    directory = os.path.join(root, spool.STATE)
+    final = os.path.join(directory, message_id)
+    temporary = final + ".new"      # never a valid queue id, never read as state
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        data = state.encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, final)
+    spool.fsync_dir(directory)
+
+
+def remove(root, message_id):
+    try:
+        os.unlink(path_of(root, message_id))
+    except FileNotFoundError:
+        pass
+
+
+def sweep_orphans(root):
+    """Remove state files whose message is gone (a crash after the message's removal)."""
+    present = set(spool.queued(root))
+    removed = []
+    try:
+        names = os.listdir(os.path.join(root, spool.STATE))
+    except OSError:
+        return removed
+    for name in names:
+        base = name[:-4] if name.endswith(".new") else name
+        if base not in present:
+            try:
+                os.unlink(os.path.join(root, spool.STATE, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
