@@ -25,3 +25,7 @@ unit: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) demo/run build *.egg-info .pytest_cache .hypothesis
+
+# Benchmarks against the real peers (issue 6; needs root and the Debian peers, installs nothing)
+bench: $(VENV)/.installed
+	$(VPY) bench/run.py $(BENCH_ARGS)

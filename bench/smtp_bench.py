@@ -1,0 +1,267 @@
+"""smap's measurements: intake with smtp-source, per-connection cost, memory.
+
+- intake: Postfix's smtp-source against smap --daemon, smap under xinetd and
+  Postfix's own smtpd (discard transport), -s 1 and -s 10, 5 KB and 100 KB,
+  a new connection per message and -d; messages per second.  For smap the
+  spool is checked to hold exactly the messages sent (then emptied).
+- per-connection cost under inetd: sequential connect, banner, QUIT, EOF
+  through xinetd for smap, against xinetd running the bare interpreter
+  (`python -I -S -c pass`, the interpreter of .venv); and the same without
+  xinetd, each program started directly on one end of a socketpair.
+- memory: VmRSS (and private memory) of one smap connection process, under
+  xinetd (a fresh interpreter) and as a --daemon child (forked).
+
+It trusts the servers from bench.peers and the smtp-source binary.
+"""
+
+import os
+import socket
+import subprocess
+import time
+
+from bench import peers
+from bench.harness import Measurement, NotMeasured, Variant
+from tests.integration import realpeers as rp
+
+SENDER = "bench@example.org"
+RECIPIENT = "user@example.com"
+
+
+def smtp_source(port, sessions, messages, size, reuse, timeout=600):
+    argv = [rp.which("smtp-source"), "-s", str(sessions), "-m", str(messages),
+            "-l", str(size), "-f", SENDER, "-t", RECIPIENT]
+    if reuse:
+        argv.append("-d")
+    argv.append("%s:%d" % (peers.LOOPBACK, port))
+    started = time.monotonic()
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    elapsed = time.monotonic() - started
+    if r.returncode != 0 or "fatal" in r.stderr or "warning" in r.stderr:
+        raise RuntimeError("smtp-source exited %d: %s" % (r.returncode, r.stderr.strip()[:300]))
+    return messages / elapsed
+
+
+def count_and_clear(spool, expected, timeout=30):
+    """The smap queue must hold `expected` messages (children may still be
+    finishing their last fsync when smtp-source returns); then empty it."""
+    queue = os.path.join(spool, "queue")
+    deadline = time.monotonic() + timeout
+    while True:
+        found = len(os.listdir(queue)) if os.path.isdir(queue) else 0
+        if found >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    peers.clear_dir(queue)
+    if found != expected:
+        raise RuntimeError("smap spooled %d of %d messages" % (found, expected))
+
+
+def intake_measurements(env, smoke):
+    sizes = [(5 * 1024, "5 KB", 5 if smoke else 500),
+             (100 * 1024, "100 KB", 3 if smoke else 200)]
+    out = []
+    for sessions in (1, 10):
+        for size, size_label, messages in sizes:
+            for reuse in (False, True):
+                def postfix(sessions=sessions, size=size, messages=messages, reuse=reuse):
+                    return smtp_source(env.get("postfix")["port"], sessions, messages, size,
+                                       reuse)
+
+                def smap_daemon(sessions=sessions, size=size, messages=messages, reuse=reuse):
+                    info = env.get("smap")
+                    peers.clear_dir(os.path.join(info["spool"], "queue"))
+                    rate = smtp_source(info["port"], sessions, messages, size, reuse)
+                    count_and_clear(info["spool"], messages)
+                    return rate
+
+                def smap_xinetd(sessions=sessions, size=size, messages=messages, reuse=reuse):
+                    info = env.get("xinetd")
+                    peers.clear_dir(os.path.join(info["spool"], "queue"))
+                    rate = smtp_source(info["smap_port"], sessions, messages, size, reuse)
+                    count_and_clear(info["spool"], messages)
+                    return rate
+
+                name = "-s %d, %s, %s (%d msgs)" % (
+                    sessions, size_label, "-d (one connection)" if reuse
+                    else "new connection per message", messages)
+                variants = [Variant("Postfix smtpd", postfix, missing_any("smtp-source", "postfix")),
+                            Variant("smap --daemon", smap_daemon, missing_any("smtp-source", "smap")),
+                            Variant("smap under xinetd", smap_xinetd,
+                                    missing_any("smtp-source", "smap", "xinetd"))]
+                out.append(Measurement("smap intake", name, "msg/s", True, variants,
+                                       baseline="Postfix smtpd"))
+    return out
+
+
+def missing_any(*names):
+    for name in names:
+        reason = peers.program_missing(name)
+        if reason:
+            return reason
+    return None
+
+
+def recv_line(sock):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("connection closed before a reply: %r" % data[:100])
+        data += chunk
+        if len(data) > 65536:
+            raise RuntimeError("reply too long")
+    return data
+
+
+def smtp_quit_session(sock):
+    banner = recv_line(sock)
+    if not banner.startswith(b"220"):
+        raise RuntimeError("no 220 banner: %r" % banner[:100])
+    sock.sendall(b"QUIT\r\n")
+    reply = recv_line(sock)
+    if not reply.startswith(b"221"):
+        raise RuntimeError("QUIT answered %r" % reply[:100])
+    while sock.recv(4096):
+        pass
+
+
+def wait_eof(sock):
+    while sock.recv(4096):
+        pass
+
+
+def per_connection_ms(port, connections, session):
+    """Mean wall time of `connections` sequential connections, in ms."""
+    started = time.monotonic()
+    for _ in range(connections):
+        with socket.create_connection((peers.LOOPBACK, port), timeout=30) as sock:
+            session(sock)
+    return (time.monotonic() - started) * 1000.0 / connections
+
+
+def spawn_on_socketpair_ms(argv, connections, session):
+    """Start argv with one end of a socketpair as fd 0/1 (as inetd would,
+    without inetd), run `session` on the other end, wait for the exit."""
+    started = time.monotonic()
+    for _ in range(connections):
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs,
+                                    stderr=subprocess.DEVNULL, close_fds=True)
+            theirs.close()
+            ours.settimeout(30)
+            session(ours)
+            if proc.wait(timeout=30) != 0:
+                raise RuntimeError("%s exited %d" % (argv[0], proc.returncode))
+        finally:
+            ours.close()
+            theirs.close()
+    return (time.monotonic() - started) * 1000.0 / connections
+
+
+def inetd_measurements(env, smoke):
+    connections = 3 if smoke else 100
+    need_x = missing_any("smap", "xinetd")
+    bare = lambda: per_connection_ms(env.get("xinetd")["bare_port"], connections, wait_eof)
+    smap = lambda: per_connection_ms(env.get("xinetd")["smap_port"], connections,
+                                     smtp_quit_session)
+    python = os.path.realpath(peers.VENV_BIN / "python")
+
+    def bare_direct():
+        return spawn_on_socketpair_ms([python, "-I", "-S", "-c", "pass"], connections, wait_eof)
+
+    def smap_direct():
+        table = env.get("smap_table")["table"]
+        return spawn_on_socketpair_ms([str(peers.VENV_BIN / "smap"), "-c", str(table)],
+                                      connections, smtp_quit_session)
+
+    return [
+        Measurement("smap per connection", "under xinetd: connect, banner, QUIT, close (%d)"
+                    % connections, "ms", False,
+                    [Variant("python -I -S -c pass", bare, need_x),
+                     Variant("smap", smap, need_x)], baseline="python -I -S -c pass"),
+        Measurement("smap per connection", "started on a socketpair, no inetd (%d)"
+                    % connections, "ms", False,
+                    [Variant("python -I -S -c pass", bare_direct, None),
+                     Variant("smap", smap_direct, missing_any("smap"))],
+                    baseline="python -I -S -c pass"),
+    ]
+
+
+def smap_process_memory(port, parent_pid, which):
+    """Open one SMTP session, find its smap process under parent_pid, read
+    its memory after EHLO; return the figure `which` (0 RSS, 1 private) in MiB."""
+    with socket.create_connection((peers.LOOPBACK, port), timeout=30) as sock:
+        recv_line(sock)
+        sock.sendall(b"EHLO bench.example\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n") or reply.split(b"\r\n")[-2][3:4] == b"-":
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise RuntimeError("closed after EHLO")
+            reply += chunk
+        children = []
+        deadline = time.monotonic() + 10
+        while not children and time.monotonic() < deadline:
+            children = peers.children_of(parent_pid)
+            if not children:
+                time.sleep(0.02)
+        if len(children) != 1:
+            raise RuntimeError("expected one connection process under %d, found %r"
+                               % (parent_pid, children))
+        figures = peers.memory_of(children[0])
+        sock.sendall(b"QUIT\r\n")
+        recv_line(sock)
+    if figures[which] is None:
+        raise NotMeasured("/proc/PID/smaps_rollup unreadable")
+    return figures[which] / 1024.0
+
+
+def memory_measurements(env, smoke):
+    def under(kind, which):
+        def measure():
+            if kind == "xinetd":
+                info = env.get("xinetd")
+                return smap_process_memory(info["smap_port"], info["pid"], which)
+            info = env.get("smap")
+            return smap_process_memory(info["port"], info["pid"], which)
+        return measure
+    out = []
+    for which, label in ((0, "resident (VmRSS) of one smap connection process"),
+                         (1, "private (Private_*) of one smap connection process")):
+        out.append(Measurement("memory", label, "MiB", False,
+                               [Variant("smap under xinetd", under("xinetd", which),
+                                        missing_any("smap", "xinetd")),
+                                Variant("smap --daemon child", under("daemon", which),
+                                        missing_any("smap"))]))
+    return out
+
+
+def spawn_ms(argv, count):
+    """Mean wall time of fork+exec+exit of argv, in ms."""
+    started = time.monotonic()
+    for _ in range(count):
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise RuntimeError("%s exited %d" % (" ".join(argv), r.returncode))
+    return (time.monotonic() - started) * 1000.0 / count
+
+
+def startup_measurements(env, smoke):
+    """Where a fresh smap's start-up goes: the bare interpreter, with site,
+    and importing smap.main (what every inetd connection pays first)."""
+    count = 3 if smoke else 50
+    python = os.path.realpath(peers.VENV_BIN / "python")
+    venv_python = str(peers.VENV_BIN / "python")
+    return [Measurement(
+        "start-up", "spawn and exit (%d)" % count, "ms", False,
+        [Variant("python -I -S -c pass", lambda: spawn_ms([python, "-I", "-S", "-c", "pass"],
+                                                          count)),
+         Variant("venv python -I -c pass", lambda: spawn_ms([venv_python, "-I", "-c", "pass"],
+                                                            count)),
+         Variant("venv python -I -c 'import smap.main'",
+                 lambda: spawn_ms([venv_python, "-I", "-c", "import smap.main"], count),
+                 missing_any("smap"))],
+        baseline="python -I -S -c pass")]

@@ -1,0 +1,90 @@
+"""The targets of issue 6, checked against one run's medians.
+
+Each target names the rows it reads (group, measurement prefix, program)
+and a bound on a ratio or a value; check() reports every target as met,
+NOT met (with the figures) or not measured (with the reason).  It trusts
+the harness's medians; it decides nothing about why a target is missed
+(that analysis is hand-written in docs/PERFORMANCE.md).
+"""
+
+
+def find(measurements, group, prefix):
+    return [m for m in measurements if m.group == group and m.name.startswith(prefix)]
+
+
+def _ratio_target(measurements, group, prefix, program, baseline, bound, at_least):
+    rows = find(measurements, group, prefix)
+    if not rows:
+        return None, "no such row"
+    figures, ok, missing = [], True, []
+    for m in rows:
+        v, b = m.variant(program), m.variant(baseline)
+        if v is None or b is None or v.median is None or b.median is None:
+            missing.append("%s: %s" % (m.name, (v and v.reason()) or (b and b.reason())
+                                       or "no value"))
+            continue
+        ratio = v.median / b.median if b.median else float("inf")
+        figures.append("%s %.2f×" % (m.name, ratio))
+        ok = ok and (ratio >= bound if at_least else ratio <= bound)
+    if missing and not figures:
+        return None, "; ".join(missing)
+    return ok and not missing, "; ".join(figures + ["not measured: " + x for x in missing])
+
+
+def _value_target(measurements, group, prefix, program, bound):
+    rows = find(measurements, group, prefix)
+    figures, ok, missing = [], True, []
+    for m in rows:
+        v = m.variant(program)
+        if v is None or v.median is None:
+            missing.append("%s: %s" % (m.name, (v and v.reason()) or "no value"))
+            continue
+        figures.append("%s %.3g %s" % (m.name, v.median, m.unit))
+        ok = ok and v.median <= bound
+    if not rows:
+        return None, "no such row"
+    if missing and not figures:
+        return None, "; ".join(missing)
+    return ok and not missing, "; ".join(figures + ["not measured: " + x for x in missing])
+
+
+TARGETS = [
+    ("smap --daemon intake ≥ 1.0× Postfix smtpd at -s 10",
+     lambda ms: _ratio_target(ms, "smap intake", "-s 10", "smap --daemon", "Postfix smtpd",
+                              1.0, True)),
+    ("smap under inetd: per-connection cost ≤ 1.5× the bare interpreter",
+     lambda ms: _ratio_target(ms, "smap per connection", "under xinetd", "smap",
+                              "python -I -S -c pass", 1.5, False)),
+    ("smap ≤ 15 MiB resident per connection (under xinetd)",
+     lambda ms: _value_target(ms, "memory", "resident (VmRSS) of one smap", "smap under xinetd",
+                              15.0)),
+    ("smapd drain ≥ 0.9× the plain sendmail loop",
+     lambda ms: _ratio_target(ms, "smapd", "drain", "smapd --once", "plain loop", 0.9, True)),
+    ("\"250\" → MTA median ≤ 0.5 s with wakeup 60",
+     lambda ms: _value_target(ms, "smapd", "\"250\" → MTA call, median", "smapd -F", 0.5)),
+    ("pop3-gw bulk and 20 MB throughput ≥ 0.9× direct, both clients",
+     lambda ms: _ratio_target(ms, "pop3", "bulk", "pop3-gw", "Dovecot direct", 0.9, True)
+     if find(ms, "pop3", "bulk") else (None, "no such row")),
+    ("pop3-gw bulk and 20 MB throughput ahead of perdition",
+     lambda ms: _ratio_target(ms, "pop3", "bulk", "pop3-gw", "perdition", 1.0, True)),
+    ("pop3-gw bulk and 20 MB throughput ahead of nginx",
+     lambda ms: _ratio_target(ms, "pop3", "bulk", "pop3-gw", "nginx mail", 1.0, True)),
+    ("pop3-gw connect + login + QUIT ≤ 1.05× direct",
+     lambda ms: _ratio_target(ms, "pop3", "connect + login + QUIT", "pop3-gw",
+                              "Dovecot direct", 1.05, False)),
+    ("pop3-gw concurrent logins ≥ 0.97× direct",
+     lambda ms: _ratio_target(ms, "pop3", "logins/s", "pop3-gw", "Dovecot direct", 0.97,
+                              True)),
+    ("pop3-gw ≤ 3 MiB private per session",
+     lambda ms: _value_target(ms, "memory", "private (Private_*) of one pop3-gw", "pop3-gw",
+                              3.0)),
+]
+
+
+def check(measurements):
+    lines = []
+    for text, test in TARGETS:
+        ok, figures = test(measurements)
+        verdict = "not measured" if ok is None else ("met" if ok else "NOT met")
+        lines.append("- %s: **%s** (%s)" % (text, verdict, figures))
+    return "\n".join(lines)
