@@ -125,7 +125,10 @@ class Pattern:
         if self.glob == "*":
             return True
         if addr is None:
-            return False
+            # No address: a peer that is not an IP socket (name None too), or
+            # a -dest given by name, which only a name glob can match.
+            return (name is not None and self.glob is not None and not self.address_only
+                    and fnmatch.fnmatchcase(name, self.glob))
         if self.network is not None:
             try:
                 return ipaddress.ip_address(addr) in self.network
