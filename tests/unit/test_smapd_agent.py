@@ -1,0 +1,80 @@
+"""smapd.agent: the request checks and the MTA run (with /bin/sh-free stand-ins)."""
+
+import os
+import sys
+
+import pytest
+
+from smapd import agent
+
+
+@pytest.fixture
+def spool_file(tmp_path):
+    path = tmp_path / "message"
+    path.write_bytes(b"ENVELOPE\n\nFrom: a@b.sub.example.org\r\n\r\nline\r\n.\r\n\xe9\r\nEND\n")
+    fd = os.open(path, os.O_RDONLY)
+    yield fd
+    os.close(fd)
+
+
+def request(**changes):
+    values = dict(message_id="ABCD", sender="a@example.org", hub=[], mta=["b@example.org"],
+                  offset=10, length=41)
+    values.update(changes)
+    return agent.encode_request(**values)
+
+
+def test_good_request_decodes(spool_file):
+    decoded = agent.decode_request(request(), spool_file, False)
+    assert decoded["mta"] == ["b@example.org"] and decoded["head"] is None
+
+
+@pytest.mark.parametrize("changes", [
+    {"message_id": "../etc"}, {"sender": "-oQ/tmp"}, {"mta": ["|/bin/sh"]},
+    {"mta": ["/etc/passwd"]}, {"mta": []}, {"mta": ["x@example.org"] * 2},
+    {"mta": ["r%d@example.org" % n for n in range(101)]},
+    {"hub": ["c@example.org"]}, {"offset": -1}, {"length": 10 ** 6},
+])
+def test_bad_requests_are_refused(spool_file, changes):
+    with pytest.raises(agent.BadRequest):
+        agent.decode_request(request(**changes), spool_file, False)
+
+
+def test_unknown_keys_and_junk_are_refused(spool_file):
+    for data in (b"{}", b"not json", b"[1]", request()[:-1] + b',"x":1}', b"x" * 300000):
+        with pytest.raises(agent.BadRequest):
+            agent.decode_request(data, spool_file, True)
+
+
+def test_chunks_convert_crlf_and_replace_head(spool_file):
+    decoded = agent.decode_request(request(head=b"From: a@example.org\r\n\r\n"), spool_file, False)
+    assert b"".join(agent.message_chunks(spool_file, decoded, True)) == \
+        b"From: a@example.org\n\nline\n.\n\xe9\n"
+    decoded = agent.decode_request(request(), spool_file, False)
+    assert b"".join(agent.message_chunks(spool_file, decoded, False)) == \
+        b"From: a@b.sub.example.org\r\n\r\nline\r\n.\r\n\xe9\r\n"
+
+
+def python_mta(code):
+    return [sys.executable, "-c",
+            "import sys; sys.stdin.buffer.read(); sys.exit(%d)" % code]
+
+
+@pytest.mark.parametrize("code, kind", [(0, "ok"), (75, "temp"), (71, "temp"), (74, "temp"),
+                                        (73, "temp"), (69, "temp"), (67, "perm"),
+                                        (65, "perm"), (1, "perm")])
+def test_exit_codes(code, kind):
+    got, text = agent.run_mta(python_mta(code), "a@example.org", ["b@example.org"],
+                              [b"x\n"], 30)
+    assert got == kind, text
+
+
+def test_timeout_kills_and_is_temporary():
+    hang = [sys.executable, "-c", "import time; time.sleep(60)"]
+    kind, text = agent.run_mta(hang, "a@example.org", ["b@example.org"], [b"x\n" * 100000], 1)
+    assert kind == "temp" and "timed out" in text
+
+
+def test_missing_mta_is_temporary():
+    kind, text = agent.run_mta(["/nonexistent/sendmail"], "", ["b@example.org"], [b"x"], 5)
+    assert kind == "temp" and "cannot run" in text

@@ -1,0 +1,42 @@
+"""smapd.state: atomic per-message delivery state."""
+
+import os
+
+from common import spool
+from smapd import state
+
+
+def test_round_trip(tmp_path):
+    spool.make_dirs(str(tmp_path))
+    record = state.State()
+    record.attempts = 3
+    record.next_try = 1234.5
+    record.last_error = "MTA exit 75\tEX_TEMPFAIL\nsecond line"
+    record.done = ["a@example.org"]
+    record.failed = [("b@example.org", "MTA exit 67 EX_NOUSER")]
+    state.save(str(tmp_path), "ABCD", record)
+    loaded = state.load(str(tmp_path), "ABCD")
+    assert (loaded.attempts, loaded.next_try, loaded.done, loaded.failed) == \
+        (3, 1234.5, ["a@example.org"], [("b@example.org", "MTA exit 67 EX_NOUSER")])
+    assert "\n" not in loaded.last_error and "\t" not in loaded.last_error
+    assert loaded.pending(["a@example.org", "b@example.org", "c@example.org"]) == ["c@example.org"]
+    assert not loaded.finished(["a@example.org", "c@example.org"])
+    assert os.listdir(tmp_path / "state") == ["ABCD"]
+
+
+def test_missing_or_damaged_state_is_fresh(tmp_path):
+    spool.make_dirs(str(tmp_path))
+    assert state.load(str(tmp_path), "ABCD").attempts == 0
+    (tmp_path / "state" / "ABCD").write_bytes(b"attempts many\n")
+    assert state.load(str(tmp_path), "ABCD").attempts == 0
+    (tmp_path / "state" / "ABCD").write_bytes(b"\xff\xfe")
+    assert state.load(str(tmp_path), "ABCD").attempts == 0
+
+
+def test_orphans_are_swept(tmp_path):
+    spool.make_dirs(str(tmp_path))
+    state.save(str(tmp_path), "ABCD", state.State())
+    (tmp_path / "queue" / "BCDE").write_bytes(b"x")
+    state.save(str(tmp_path), "BCDE", state.State())
+    assert state.sweep_orphans(str(tmp_path)) == ["ABCD"]
+    assert os.listdir(tmp_path / "state") == ["BCDE"]
