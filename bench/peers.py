@@ -217,7 +217,7 @@ class Env:
                        new_session=True, log=work / "perdition.out")
         self.stack.callback(proc.stop)
         rp.wait_for_listen(LOOPBACK, port)
-        return {"port": port}
+        return {"port": port, "pid": proc.pid}
 
     def _start_nginx(self):
         dovecot = self.get("dovecot")
@@ -294,8 +294,8 @@ mail {
                 if r.returncode != 0 and argv[3] != "enable":
                     raise NotMeasured("authmgr %s failed: %s" % (argv[3], r.stderr.strip()[:200]))
         proc = rp.Proc([VENV_BIN / "pop3-gw", "-c", table, "--daemon",
-                        "%s:%d" % (LOOPBACK, port), "-F"], new_session=True,
-                       log=work / "pop3-gw.out")
+                        "%s:%d" % (LOOPBACK, port), "-F", "--pidfile", work / "pop3-gw.pid"],
+                       new_session=True, log=work / "pop3-gw.out")
         self.stack.callback(proc.stop)
         try:
             rp.wait_for_listen(LOOPBACK, port)
