@@ -132,6 +132,20 @@ class Channel:
         self.bytes_in += len(data)
         return data
 
+    def discard_pending(self, limit=65536):
+        """Read and drop input that is already waiting (at most limit bytes,
+        never waiting): closing a socket with unread input makes the kernel
+        send a reset, and the client may then lose the last reply."""
+        dropped = 0
+        while dropped < limit and self.poller.poll(0):
+            try:
+                data = os.read(self.read_fd, min(READ_SIZE, limit - dropped))
+            except OSError:
+                return
+            if not data:
+                return
+            dropped += len(data)
+
     def write(self, data, timeout=60):
         view = memoryview(data)
         while view:

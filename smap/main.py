@@ -54,6 +54,7 @@ def connection(config, logger):
         logger.notice("deny", host=peer.name_text, addr=peer.addr_text,
                       reason="no permit-hosts rule for this host")
         channel.write(b"554 5.7.1 %s: access denied\r\n" % hostname.encode())
+        channel.discard_pending()
         return 0
     relay_ok = hostmatch.list_matches(config.get("permit-relay") or [], peer.addr, peer.name)
     policy = session.Policy(hostname, config.get("maxbytes"), config.get("maxrecip"),
@@ -93,6 +94,7 @@ def connection(config, logger):
                 channel.write(reply)
     except lineio.Closed:
         smtp.eof()
+    channel.discard_pending()
     logger.info("disconnect", host=peer.name_text, addr=peer.addr_text,
                 messages=smtp.messages, bytes_in=channel.bytes_in,
                 bytes_out=channel.bytes_out, duration="%.3f" % (time.monotonic() - started))
