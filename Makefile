@@ -29,3 +29,63 @@ clean:
 # Benchmarks against the real peers (issue 6; needs root and the Debian peers, installs nothing)
 bench: $(VENV)/.installed
 	$(VPY) bench/run.py $(BENCH_ARGS)
+
+# --- make install [PREFIX=/usr/local] [DESTDIR=] ---------------------------
+# Programs: the packages are copied to $(LIBDIR) and compiled; $(SBINDIR)
+# gets one small wrapper per program that runs the system interpreter in
+# isolated mode (-I: no PYTHONPATH, no user site, no script directory) on
+# that directory only.  No virtualenv: the daemons start as root and must
+# not depend on a build tree.  python-daemon and setproctitle come from
+# Debian (python3-daemon python3-setproctitle).  Configuration and the
+# spool are never overwritten; the spool belongs to uucp, mode 0700.
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+SBINDIR    ?= $(PREFIX)/sbin
+LIBDIR     ?= $(PREFIX)/lib/mailwall
+MANDIR     ?= $(PREFIX)/share/man
+DOCDIR     ?= $(PREFIX)/share/doc/mailwall
+SYSCONFDIR ?= /etc
+SPOOLDIR   ?= /var/spool/smap
+EMPTYDIR   ?= /var/empty
+SPOOLUSER  ?= uucp
+INSTALL_PYTHON ?= /usr/bin/python3
+PROGRAMS   := smap:smap.main smapd:smapd.main pop3-gw:pop3gw.main authmgr:pop3gw.authmgr
+
+install:
+	install -d -m 0755 $(DESTDIR)$(SBINDIR) $(DESTDIR)$(LIBDIR) \
+	  $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR)/examples/systemd \
+	  $(DESTDIR)$(SYSCONFDIR)/mailwall $(DESTDIR)$(SYSCONFDIR)/rsyslog.d
+	for pkg in common smap smapd pop3gw; do \
+	  install -d -m 0755 $(DESTDIR)$(LIBDIR)/$$pkg && \
+	  install -m 0644 $$pkg/*.py $(DESTDIR)$(LIBDIR)/$$pkg/ || exit 1; \
+	done
+	$(INSTALL_PYTHON) -m compileall -q -d $(LIBDIR) $(DESTDIR)$(LIBDIR)
+	for entry in $(PROGRAMS); do \
+	  name=$${entry%%:*}; module=$${entry#*:}; \
+	  printf '#!%s -I\n# %s: installed by mailwall'"'"'s make install\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import main\nsys.exit(main())\n' \
+	    '$(INSTALL_PYTHON)' "$$name" '$(LIBDIR)' "$$module" > $(DESTDIR)$(SBINDIR)/$$name && \
+	  chmod 0755 $(DESTDIR)$(SBINDIR)/$$name || exit 1; \
+	done
+	install -m 0644 man/smap.8 man/smapd.8 man/pop3-gw.8 man/authmgr.8 $(DESTDIR)$(MANDIR)/man8/
+	install -m 0644 man/netperm-table.5 $(DESTDIR)$(MANDIR)/man5/
+	test -e $(DESTDIR)$(SYSCONFDIR)/mailwall/netperm-table || \
+	  install -m 0644 conf/netperm-table $(DESTDIR)$(SYSCONFDIR)/mailwall/netperm-table
+	test -e $(DESTDIR)$(SYSCONFDIR)/rsyslog.d/mailwall.conf || \
+	  sed 's|/var/spool/smap|$(SPOOLDIR)|g' conf/rsyslog.d/mailwall.conf \
+	    > $(DESTDIR)$(SYSCONFDIR)/rsyslog.d/mailwall.conf
+	install -m 0644 conf/netperm-table README.md $(DESTDIR)$(DOCDIR)/examples/
+	for unit in conf/systemd/*; do \
+	  sed -e 's|/usr/local/sbin|$(SBINDIR)|g' -e 's|/etc/mailwall|$(SYSCONFDIR)/mailwall|g' \
+	      -e 's|/var/spool/smap|$(SPOOLDIR)|g' $$unit > $(DESTDIR)$(DOCDIR)/examples/systemd/$${unit##*/} || exit 1; \
+	done
+	install -d -m 0700 $(DESTDIR)$(SPOOLDIR)
+	for sub in queue tmp state bad; do install -d -m 0700 $(DESTDIR)$(SPOOLDIR)/$$sub || exit 1; done
+	test -p $(DESTDIR)$(SPOOLDIR)/.trigger || mkfifo -m 0600 $(DESTDIR)$(SPOOLDIR)/.trigger
+	if [ "$$(id -u)" = 0 ]; then \
+	  chown $(SPOOLUSER):$(SPOOLUSER) $(DESTDIR)$(SPOOLDIR) $(DESTDIR)$(SPOOLDIR)/queue \
+	    $(DESTDIR)$(SPOOLDIR)/tmp $(DESTDIR)$(SPOOLDIR)/state $(DESTDIR)$(SPOOLDIR)/bad \
+	    $(DESTDIR)$(SPOOLDIR)/.trigger; \
+	else echo "make install: not root: $(SPOOLDIR) is not chowned to $(SPOOLUSER)"; fi
+	install -d -m 0755 $(DESTDIR)$(EMPTYDIR)
+	@$(INSTALL_PYTHON) -c 'import daemon, setproctitle' 2>/dev/null || \
+	  echo "make install: also install python3-daemon and python3-setproctitle (apt-get install python3-daemon python3-setproctitle)"

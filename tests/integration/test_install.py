@@ -1,0 +1,121 @@
+"""`make install` builds the tree an administrator expects, and it works.
+
+1. `make install DESTDIR=... PREFIX=/usr/local`: programs (wrappers in
+   sbin over the packages in lib/mailwall), man pages in man5/man8, the
+   sample /etc/mailwall/netperm-table, the rsyslog snippet, the spool with
+   queue/ tmp/ state/ bad/ mode 0700 (owned by uucp when installed by
+   root) and /var/empty; a second install never overwrites the table.
+2. An install into a private PREFIX (every path inside the test's
+   directory): the installed wrappers run with the system interpreter and
+   check the installed table, and the installed systemd units pass
+   `systemd-analyze verify` (skipped where it is missing).
+
+Real tools only: make, install, the system python3, systemd-analyze.
+"""
+
+import os
+import pwd
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration import realpeers
+
+ROOT = Path(__file__).resolve().parents[2]
+PROGRAMS = ["smap", "smapd", "pop3-gw", "authmgr"]
+pytestmark = pytest.mark.integration
+
+
+def make_install(*settings):
+    realpeers.require("make", "install", "/usr/bin/python3")
+    result = subprocess.run(["make", "-s", "-C", str(ROOT), "install", *settings],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def mode(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_install_into_destdir(tmp_path):
+    dest = tmp_path / "dest"
+    make_install("DESTDIR=%s" % dest, "PREFIX=/usr/local")
+    prefix = dest / "usr/local"
+    for name in PROGRAMS:
+        wrapper = prefix / "sbin" / name
+        assert mode(wrapper) == 0o755, name
+        text = wrapper.read_text()
+        assert text.startswith("#!/usr/bin/python3 -I\n")
+        assert 'sys.path.insert(0, "/usr/local/lib/mailwall")' in text   # no DESTDIR inside
+        assert str(dest) not in text
+    for package in ("common", "smap", "smapd", "pop3gw"):
+        assert (prefix / "lib/mailwall" / package / "__init__.py").is_file()
+    assert (prefix / "lib/mailwall/smap/__pycache__").is_dir()        # compiled: fast inetd start
+    for page in ("smap.8", "smapd.8", "pop3-gw.8", "authmgr.8"):
+        assert (prefix / "share/man/man8" / page).read_bytes() == (ROOT / "man" / page).read_bytes()
+    assert (prefix / "share/man/man5/netperm-table.5").is_file()
+    table = dest / "etc/mailwall/netperm-table"
+    assert table.read_bytes() == (ROOT / "conf/netperm-table").read_bytes()
+    assert mode(table) == 0o644
+    assert "imuxsock" in (dest / "etc/rsyslog.d/mailwall.conf").read_text()
+    assert (prefix / "share/doc/mailwall/examples/systemd/smap.socket").is_file()
+
+    spool = dest / "var/spool/smap"
+    uucp = pwd.getpwnam("uucp")
+    for path in [spool] + [spool / sub for sub in ("queue", "tmp", "state", "bad")]:
+        assert path.is_dir() and mode(path) == 0o700, path
+        if os.geteuid() == 0:
+            assert (path.stat().st_uid, path.stat().st_gid) == (uucp.pw_uid, uucp.pw_gid), path
+    assert stat.S_ISFIFO(os.lstat(spool / ".trigger").st_mode)
+    empty = dest / "var/empty"
+    assert empty.is_dir() and mode(empty) == 0o755 and not any(empty.iterdir())
+    if os.geteuid() == 0:
+        assert empty.stat().st_uid == 0
+
+    # a second install keeps the administrator's table
+    table.write_text("smap: hostname mine.example\n")
+    make_install("DESTDIR=%s" % dest, "PREFIX=/usr/local")
+    assert table.read_text() == "smap: hostname mine.example\n"
+
+
+def test_installed_programs_run_and_units_verify(tmp_path):
+    top = tmp_path / "top"
+    make_install("PREFIX=%s/usr" % top, "SYSCONFDIR=%s/etc" % top,
+                 "SPOOLDIR=%s/spool" % top, "EMPTYDIR=%s/empty" % top)
+    table = top / "etc/mailwall/netperm-table"
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+    for name in PROGRAMS:
+        program = top / "usr/sbin" / name
+        version = subprocess.run([str(program), "--version"], capture_output=True,
+                                 text=True, timeout=60, env=env)
+        assert (version.returncode, version.stdout.split()[0]) == (0, "mailwall"), version.stderr
+        check = subprocess.run([str(program), "-c", str(table), "-n"], capture_output=True,
+                               text=True, timeout=60, env=env)
+        assert check.returncode == 0, check.stdout + check.stderr
+    # -n really checks: a broken table is refused by the installed smap
+    broken = tmp_path / "broken-table"
+    broken.write_text("smap: timeout soon\n")
+    check = subprocess.run([str(top / "usr/sbin/smap"), "-c", str(broken), "-n"],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert check.returncode == 1 and "broken-table:1:" in check.stdout + check.stderr
+
+    units = top / "usr/share/doc/mailwall/examples/systemd"
+    assert "ExecStart=%s/usr/sbin/smapd -c %s/etc/mailwall/netperm-table -F" % (top, top) \
+        in (units / "smapd.service").read_text()
+    socket_unit = (units / "smap.socket").read_text()
+    assert "Accept=yes" in socket_unit
+    assert "StandardInput=socket" in (units / "smap@.service").read_text()
+    if realpeers.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed: units not verified")
+    names = ["smap.socket", "smap@.service", "smapd.service", "pop3-gw.service"]
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", *("./" + n for n in names)],
+                            cwd=units, capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # and verify does fail on a broken unit
+    (units / "smap.socket").write_text(socket_unit.replace("ListenStream=25", "ListenStream=x"))
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", "./smap.socket"],
+                            cwd=units, capture_output=True, text=True, timeout=120)
+    assert verify.returncode != 0
