@@ -195,3 +195,21 @@ def test_full_file_system_gives_452_never_250(tmp_path, small_tmpfs):
     assert len(queue) == 1 and tmp == []
     _, message = spool.read_message(str(spool_dir / spool.QUEUE / queue[0]))
     assert message.endswith(b"Subject: small\r\n\r\nok\r\n")
+
+
+def test_check_option_reports_file_line_problems(tmp_path):
+    """`smap -n` needs no root: it prints FILE:LINE: message and exits 0 or 1."""
+    bad = tmp_path / "bad"
+    bad.write_text("smap: maxrecip 5\nsmap: timeout never\n")
+    result = subprocess.run([smap_program(), "-n", "-c", str(bad)], capture_output=True,
+                            timeout=30)
+    assert result.returncode == 1
+    # (smap prints the report on stderr, like `postfix check`)
+    assert (result.stdout + result.stderr).decode() == (
+        "%s:2: timeout: 'never' is not a whole number\n" % bad)
+    good = tmp_path / "good"
+    good.write_text("smap: maxrecip 5\nsmap: directory %s/absent\n" % tmp_path)
+    result = subprocess.run([smap_program(), "-n", "-c", str(good)], capture_output=True,
+                            timeout=30)
+    assert result.returncode == 0
+    assert b"warning: directory:" in result.stdout + result.stderr
