@@ -211,6 +211,13 @@ class Scanner:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # a worker of an earlier scanner still delivers it: look again soon
+            os.close(fd)
+            soon = time.time() + 1
+            self.earliest_due = soon if self.earliest_due is None else min(self.earliest_due, soon)
+            return None
+        try:
             opened = os.fstat(fd)
             named = os.lstat(path)
         except OSError:

@@ -57,7 +57,8 @@ def make_spool(directory):
     return Path(directory)
 
 
-def spool_message(directory, sender, recipients, data, message_id=None, raw=None):
+def spool_message(directory, sender, recipients, data, message_id=None, raw=None,
+                  arrival=None):
     """Write a spool file as smap would (owned by uucp); returns its id.
 
     `raw`, when given, replaces the whole file (for damaged files)."""
@@ -70,7 +71,7 @@ def spool_message(directory, sender, recipients, data, message_id=None, raw=None
         os.chmod(path, 0o600)
         return message_id
     writer = spool.MessageWriter(str(directory), message_id)
-    writer.start({"id": message_id, "arrival": "%.6f" % time.time(),
+    writer.start({"id": message_id, "arrival": "%.6f" % (arrival or time.time()),
                   "client-addr": "192.0.2.1", "client-name": "unknown", "helo": "test",
                   "sender": sender, "rcpt": list(recipients), "size": len(data)})
     writer.write(data)
