@@ -1,0 +1,254 @@
+"""One pop3-gw connection, start to end (inetd mode and each daemon child).
+
+The process that gets the connection on fd 0/1 is root.  It learns the
+peer, applies the source-host rules, makes sure the auth db copy is
+current, then splits in two:
+
+* the session child chroots to `directory`, drops to `userid`/`groupid`
+  (common.privs, verified) and does everything the client can influence:
+  the POP3 dialogue (pop3gw.session), the upstream login (pop3gw.upstream)
+  and the relay (pop3gw.relay);
+* the root monitor keeps nothing of the client's connection and answers the
+  child's two kinds of request on a socketpair: `resolve HOST PORT` (the
+  resolver needs /etc files the jail does not have, so names are resolved
+  outside it) and `login good|bad USER` (bad-login counts and lockouts go to
+  the db file, which the unprivileged child cannot write, so they persist
+  across sessions and processes).  The monitor trusts nothing the child
+  says: every request is a bounded line, re-checked, and their number is
+  bounded.
+"""
+
+import os
+import socket
+import stat
+import time
+
+from common import authdb, hostmatch, lineio, privs, skeleton
+from pop3gw import relay, session, upstream
+
+MAX_REQUEST = 512
+MAX_REQUESTS = 32
+MAX_ADDRESSES = 8
+
+
+def prepare_directory(path, logger):
+    """The chroot: created (root, 0755) if missing; refused if others may write it."""
+    if os.geteuid() != 0:
+        return True
+    try:
+        os.makedirs(path, 0o755, exist_ok=True)
+        info = os.stat(path)
+    except OSError as err:
+        logger.error("directory", path=path, reason=err.strerror)
+        return False
+    if info.st_uid != 0 or info.st_mode & 0o022 or not stat.S_ISDIR(info.st_mode):
+        logger.error("directory", path=path,
+                     reason="the chroot must be a directory owned by root, not group/other writable")
+        return False
+    return True
+
+
+class Context:
+    """What a connection needs from the daemon: table, db, log."""
+
+    def __init__(self, config, database, logger):
+        self.config, self.database, self.logger = config, database, logger
+
+
+def settings_of(config):
+    hostname = socket.gethostname() or "localhost"
+    return session.Settings(config.get("server"), config.get("userpass"), config.rules, hostname)
+
+
+def connection(context):
+    """Run one connection on fd 0/1; returns the exit status."""
+    config, logger = context.config, context.logger
+    started = time.monotonic()
+    sock = skeleton.peer_of_fd(0)
+    peer = hostmatch.peer_of_socket(sock) if sock is not None else hostmatch.Peer()
+    if sock is not None:
+        sock.close()
+    skeleton.set_title("pop3-gw: %s" % peer.addr_text)
+    logger.info("connect", host=peer.name_text, addr=peer.addr_text)
+    if peer.spoofed:
+        logger.warning("spoof", addr=peer.addr_text,
+                       reason="reverse name does not resolve back to the address")
+    if not hostmatch.may_connect(config.rules, peer):
+        logger.notice("deny", host=peer.name_text, addr=peer.addr_text,
+                      reason="no permit-hosts rule for this host")
+        send(b"-ERR [SYS/PERM] access denied for this host\r\n")
+        return 0
+    if context.database.refresh() and context.database.error:
+        logger.error("authfile", reason=context.database.error)
+    directory = config.get("directory")
+    if not prepare_directory(directory, logger):
+        send(b"-ERR [SYS/TEMP] gateway misconfigured, try again later\r\n")
+        return 1
+    monitor_end, child_end = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        monitor_end.close()
+        status = 1
+        try:
+            status = jailed_session(context, peer, child_end, started)
+        finally:
+            os._exit(status)
+    child_end.close()
+    # The monitor gives up the client's connection: it ends with the child.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    skeleton.set_title("pop3-gw: monitor %s" % peer.addr_text)
+    serve_child(monitor_end, config, context.database.path, logger)
+    monitor_end.close()
+    _, status = os.waitpid(pid, 0)
+    return 0 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else 1
+
+
+def send(data):
+    try:
+        os.write(1, data)
+    except OSError:
+        pass
+
+
+# -- the root monitor ---------------------------------------------------------
+def serve_child(channel, config, path, logger):
+    reader = channel.makefile("rb")
+    for _ in range(MAX_REQUESTS):
+        line = reader.readline(MAX_REQUEST + 1)
+        if not line:
+            return
+        if len(line) > MAX_REQUEST or not line.endswith(b"\n"):
+            logger.error("monitor", reason="oversized request from the session child")
+            return
+        words = line.decode("ascii", "replace").split()
+        answer = answer_request(words, config, path, logger)
+        try:
+            channel.sendall(answer.encode("ascii") + b"\n")
+        except OSError:
+            return
+    logger.error("monitor", reason="too many requests from the session child")
+
+
+def answer_request(words, config, path, logger):
+    if len(words) == 3 and words[0] == "resolve":
+        try:
+            host, port = session.parse_server("%s:%s" % (words[1], words[2]))
+        except ValueError as err:
+            return "error %s" % err
+        return resolve(host, port)
+    if len(words) == 3 and words[0] == "login" and words[1] in ("good", "bad") \
+            and authdb.valid_name(words[2]):
+        try:
+            record = authdb.record_login(path, words[2], words[1] == "good",
+                                         config.get("maxbad"), config.get("badsleep"))
+        except (OSError, authdb.AuthDbError) as err:
+            logger.error("authfile", path=path, reason=str(err))
+            return "error cannot record"
+        if record is not None and record.locked(time.time()) and words[1] == "bad":
+            logger.warning("lock", user=words[2], until=record.locked_until,
+                           reason="%d bad logins" % config.get("maxbad"))
+        return "ok"
+    return "error bad request"
+
+
+def resolve(host, port):
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as err:
+        return "error cannot resolve: %s" % (getattr(err, "strerror", None) or err)
+    addresses = []
+    for info in infos:
+        address = hostmatch.normalize_address(info[4][0])
+        if address and address not in addresses:
+            addresses.append(address)
+    if not addresses:
+        return "error no address"
+    return "ok " + " ".join(addresses[:MAX_ADDRESSES])
+
+
+# -- the jailed session child -----------------------------------------------------
+class MonitorLink:
+    """The child's end of the socketpair."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def ask(self, request):
+        try:
+            self.sock.sendall(request.encode("ascii") + b"\n")
+            return self.reader.readline(MAX_REQUEST).decode("ascii", "replace").split()
+        except OSError:
+            return ["error", "monitor gone"]
+
+    def report(self, good, user):
+        self.ask("login %s %s" % ("good" if good else "bad", user))
+
+    def resolve(self, host, port):
+        answer = self.ask("resolve %s %d" % (host, port))
+        if answer[:1] == ["ok"]:
+            return answer[1:]
+        raise upstream.UpstreamError("cannot resolve %s: %s" % (host, " ".join(answer[1:])),
+                                     upstream.UNAVAILABLE)
+
+
+def jailed_session(context, peer, link_socket, started):
+    config, logger = context.config, context.logger
+    link = MonitorLink(link_socket)
+    users = context.database.users
+    uid, gid, _ = privs.user_and_group(config)
+    if not privs.drop(config.get("directory"), uid, gid):
+        logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
+    context.database.users = {}          # keep only the copy the session uses
+    channel = lineio.Channel(0, 1)
+    pop = session.Session(settings_of(config), peer, users, logger, report=link.report)
+    timeout = config.get("timeout")
+    fields = dict(host=peer.name_text, addr=peer.addr_text)
+    client_bytes = server_bytes = 0
+    ended = "client quit"
+    try:
+        channel.write(pop.greeting())
+        while not pop.closed and pop.login is None:
+            try:
+                data = channel.read(timeout)
+            except lineio.Timeout:
+                channel.write(pop.timeout())
+                ended = "timeout before login"
+                break
+            except lineio.Closed:
+                ended = "client closed before login"
+                break
+            reply = pop.feed(data)
+            if reply:
+                channel.write(reply)
+        if pop.closed and ended == "client quit":
+            ended = "closed before login"
+        if pop.login is not None:
+            login = pop.login
+            fields.update(user=login.user, dest="%s:%d" % (login.host, login.port))
+            skeleton.set_title("pop3-gw: %s %s" % (peer.addr_text, login.user))
+            try:
+                addresses = link.resolve(login.host, login.port)
+                server = upstream.login(addresses, login.port, login.user, login.secret, timeout)
+            except upstream.UpstreamError as err:
+                logger.notice("upstream-fail", reason=err.reason, **fields)
+                channel.write(err.reply)
+                ended = "upstream failed"
+            else:
+                logger.info("login", **fields)
+                channel.write(server.reply)
+                result = relay.relay(0, 1, server.sock, timeout, pop.rest, server.rest)
+                server.sock.close()
+                client_bytes, server_bytes, ended = (result.client_bytes,
+                                                     result.server_bytes, result.ended)
+    except lineio.Closed:
+        ended = "client write failed"
+    logger.info("disconnect", reason=ended,
+                bytes_in=channel.bytes_in + client_bytes,
+                bytes_out=channel.bytes_out + server_bytes,
+                duration="%.3f" % (time.monotonic() - started), **fields)
+    return 0
+

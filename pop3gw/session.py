@@ -1,0 +1,289 @@
+"""The client side of pop3-gw: a POP3 AUTHORIZATION-state machine, bytes in,
+bytes out (DESIGN §8, RFC 1939, RFC 2449).
+
+Before login it knows CAPA, APOP and QUIT, and USER/PASS only when the table
+says `userpass yes`; everything else is `-ERR`.  It trusts nothing the
+client sends: a command is at most 255 octets with its CRLF (RFC 2449 §4),
+only CRLF ends a line (a bare CR or LF ends the session), NUL and other
+control or 8-bit characters are refused, errors and failed logins are
+counted and end the session.  `APOP name digest` with name `user` or
+`user%server[:port]` is checked with a constant-time compare; an unknown,
+disabled, secret-less or locked user gets the same answer as a wrong
+digest.  The host rules decide on source host, destination and user; a
+destination the client names with `%` must be permitted by a rule that has
+a `-dest` list (a rule without one permits only the configured `server`),
+so a client can never aim the proxy, and a digest of its secret, at a
+server of its choosing.
+
+On success `login` holds who and where, and `rest` any bytes the client
+sent after its login line; the caller then talks to the server.
+"""
+
+import re
+import time
+
+from common import apop, authdb, hostmatch, lineio
+
+# RFC 2449 §4: a command line is at most 255 octets, CRLF included.
+COMMAND_LIMIT = 255
+MAX_ERRORS = 10            # unknown or malformed commands before we hang up
+MAX_AUTH_FAILURES = 3      # failed logins in one session before we hang up
+DEFAULT_PORT = 110
+
+AUTHORIZATION, LOGGED_IN, CLOSED = "authorization", "logged-in", "closed"
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+
+AUTH_FAILED = b"-ERR [AUTH] Authentication failed\r\n"
+
+
+class Settings:
+    """What the netperm-table says for pop3-gw sessions."""
+
+    def __init__(self, server=None, userpass=False, rules=(), hostname="localhost"):
+        self.server = server            # (host, port) or None
+        self.userpass = userpass
+        self.rules = list(rules)
+        self.hostname = hostname
+
+
+class Login:
+    """Who logged in and where the session goes."""
+
+    __slots__ = ("user", "secret", "host", "port", "explicit")
+
+    def __init__(self, user, secret, host, port, explicit):
+        self.user, self.secret, self.host, self.port = user, secret, host, port
+        self.explicit = explicit        # named by the client with user%server
+
+
+def parse_server(text):
+    """(host, port) from the client's `server[:port]`; ValueError if odd.
+    Host: a DNS name of letters, digits and hyphens, an IPv4 address, or
+    [IPv6]; port: 1..65535 in decimal digits."""
+    host, port_text = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("unclosed [")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("junk after ]")
+            port_text = rest[1:]
+        if hostmatch.normalize_address(host) is None or ":" not in host:
+            raise ValueError("bad IPv6 address")
+    else:
+        if ":" in text:
+            host, port_text = text.rsplit(":", 1)
+        if not host or len(host) > 253:
+            raise ValueError("bad host name")
+        if _IPV4.fullmatch(host):
+            if hostmatch.normalize_address(host) is None:
+                raise ValueError("bad IPv4 address")
+        elif not all(_HOST_LABEL.fullmatch(label) for label in host.rstrip(".").split(".")):
+            raise ValueError("bad host name")
+    port = DEFAULT_PORT
+    if port_text is not None:
+        if not port_text.isdigit() or not port_text.isascii() or len(port_text) > 5:
+            raise ValueError("bad port")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError("port out of range")
+    return host.lower(), port
+
+
+def split_name(name):
+    """(user, server-text or None) from `user` or `user%server[:port]`."""
+    if "%" in name:
+        user, server = name.split("%", 1)
+        return user, server
+    return name, None
+
+
+class Session:
+    """greeting(), then feed(bytes) -> reply bytes until `closed` or `login`."""
+
+    def __init__(self, settings, peer, users, log, report=None, clock=time.time,
+                 timestamp=None):
+        self.settings = settings
+        self.peer = peer
+        self.users = users                      # {name: authdb.User}
+        self.log = log
+        self.report = report or (lambda good, user: None)
+        self.clock = clock
+        self.timestamp = timestamp or apop.make_timestamp(settings.hostname)
+        self.splitter = lineio.LineSplitter(COMMAND_LIMIT)
+        self.state = AUTHORIZATION
+        self.errors = 0
+        self.auth_failures = 0
+        self.pending_user = None
+        self.login = None
+        self.rest = b""
+        self.commands = {
+            b"CAPA": self.do_capa, b"APOP": self.do_apop, b"QUIT": self.do_quit,
+            b"USER": self.do_user, b"PASS": self.do_pass,
+        }
+
+    @property
+    def closed(self):
+        return self.state == CLOSED
+
+    def greeting(self):
+        return b"+OK mailwall pop3-gw ready %s\r\n" % self.timestamp.encode("ascii")
+
+    def timeout(self):
+        """RFC 1939 §3: the autologout timer closes without a response."""
+        self.log.notice("timeout", addr=self.peer.addr_text, reason="idle client")
+        self.state = CLOSED
+        return b""
+
+    def feed(self, data):
+        self.splitter.feed(data)
+        replies = []
+        while self.state == AUTHORIZATION:
+            item = self.splitter.next()
+            if item is None:
+                break
+            kind, line = item
+            if kind == lineio.BARE:
+                self.log.notice("refuse", addr=self.peer.addr_text, reason="bare CR or LF")
+                replies.append(self.close(b"-ERR lines must end with CRLF\r\n"))
+            elif kind == lineio.TOO_LONG:
+                replies.append(self.error(b"-ERR command line too long\r\n", "line too long"))
+            else:
+                replies.append(self.command(line[:-2]))
+        if self.state == LOGGED_IN:
+            self.rest = self.splitter.take_rest()
+        return b"".join(replies)
+
+    def close(self, reply):
+        self.state = CLOSED
+        return reply
+
+    def error(self, reply, reason):
+        self.errors += 1
+        if self.errors >= MAX_ERRORS:
+            self.log.notice("refuse", addr=self.peer.addr_text, reason="too many errors")
+            return self.close(b"-ERR too many errors, closing\r\n")
+        self.log.info("bad-command", addr=self.peer.addr_text, reason=reason)
+        return reply
+
+    def command(self, line):
+        if any(byte < 32 or byte > 126 for byte in line):
+            return self.error(b"-ERR command has bad characters\r\n", "bad characters")
+        verb, _, argument = line.partition(b" ")
+        handler = self.commands.get(verb.upper())
+        if handler is None:
+            return self.error(b"-ERR unknown command; log in with APOP first\r\n",
+                              "unknown command before login")
+        return handler(argument.decode("ascii"))
+
+    # -- commands -----------------------------------------------------------
+    def do_capa(self, argument):
+        lines = [b"+OK Capability list follows", b"IMPLEMENTATION mailwall-pop3-gw",
+                 b"RESP-CODES", b"AUTH-RESP-CODE"]
+        if self.settings.userpass:
+            lines.append(b"USER")
+        return b"\r\n".join(lines + [b".", b""])
+
+    def do_quit(self, argument):
+        return self.close(b"+OK mailwall pop3-gw signing off\r\n")
+
+    def do_user(self, argument):
+        if not self.settings.userpass:
+            return self.error(b"-ERR USER/PASS not allowed here; use APOP\r\n",
+                              "USER without userpass")
+        if not argument or " " in argument:
+            return self.error(b"-ERR usage: USER name\r\n", "malformed USER")
+        self.pending_user = argument
+        return b"+OK send PASS\r\n"
+
+    def do_pass(self, argument):
+        if not self.settings.userpass:
+            return self.error(b"-ERR USER/PASS not allowed here; use APOP\r\n",
+                              "PASS without userpass")
+        if self.pending_user is None:
+            return self.error(b"-ERR USER first\r\n", "PASS before USER")
+        name, self.pending_user = self.pending_user, None
+        return self.authenticate(name, lambda secret: apop.check(
+            self.timestamp, secret, apop.digest(self.timestamp, argument)), "PASS")
+
+    def do_apop(self, argument):
+        words = argument.split(" ")
+        if len(words) != 2 or not words[0]:
+            return self.error(b"-ERR usage: APOP name digest\r\n", "malformed APOP")
+        name, offered = words
+        if not apop.well_formed_digest(offered):
+            return self.error(b"-ERR APOP digest must be 32 lowercase hex digits\r\n",
+                              "malformed APOP digest")
+        return self.authenticate(name, lambda secret: apop.check(self.timestamp, secret,
+                                                                  offered), "APOP")
+
+    # -- the decision -------------------------------------------------------
+    def authenticate(self, name, digest_matches, method):
+        user_name, server_text = split_name(name)
+        peer = self.peer
+        if not authdb.valid_name(user_name):
+            return self.fail(user_name, "bad user name")
+        if server_text is not None:
+            try:
+                host, port = parse_server(server_text)
+            except ValueError as err:
+                self.log.notice("refuse", addr=peer.addr_text, user=user_name,
+                                dest=server_text, reason="bad %%server: %s" % err)
+                return self.error(b"-ERR [AUTH] bad server in user%server[:port]\r\n",
+                                  "bad %server")
+        elif self.settings.server is not None:
+            host, port = self.settings.server
+        else:
+            self.log.error("refuse", addr=peer.addr_text, user=user_name,
+                           reason="no server configured and none named")
+            return self.close(b"-ERR [SYS/PERM] no POP3 server configured\r\n")
+        record = self.users.get(user_name)
+        now = self.clock()
+        secret = record.secret if record is not None and record.secret else None
+        # Compute and compare even for an unknown user, so both look alike.
+        matches = digest_matches(secret if secret is not None else "\0unknown user\0")
+        reason = None
+        if record is None:
+            reason = "unknown user"
+        elif secret is None:
+            reason = "no secret set"
+        elif not record.enabled:
+            reason = "account disabled"
+        elif record.locked(now):
+            reason = "account locked until %d" % record.locked_until
+        elif not matches:
+            reason = "wrong %s secret" % method
+        if reason is not None:
+            if secret is not None and not matches:
+                self.report(False, user_name)     # counts towards maxbad
+            return self.fail(user_name, reason)
+        self.report(True, user_name)
+        dest = "%s:%d" % (host, port)
+        rules = self.settings.rules
+        if server_text is not None:
+            # a rule without -dest speaks only for the configured server
+            rules = [rule for rule in rules if not rule.permit or rule.dests is not None]
+        permitted, rule = hostmatch.decide(rules, peer, host, user_name)
+        if not permitted:
+            self.log.notice("deny", host=peer.name_text, addr=peer.addr_text, user=user_name,
+                            dest=dest, rule=rule.line if rule else None,
+                            reason="no rule permits this user and destination")
+            return self.close(b"-ERR [SYS/PERM] permission denied for %s to %s\r\n"
+                              % (user_name.encode(), host.encode()))
+        self.log.info("permit", host=peer.name_text, addr=peer.addr_text, user=user_name,
+                      dest=dest, rule=rule.line if rule else None)
+        self.login = Login(user_name, secret, host, port, server_text is not None)
+        self.state = LOGGED_IN
+        return b""
+
+    def fail(self, user_name, reason):
+        self.auth_failures += 1
+        self.log.notice("auth-fail", host=self.peer.name_text, addr=self.peer.addr_text,
+                        user=user_name, reason=reason)
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            return self.close(AUTH_FAILED)
+        return AUTH_FAILED
