@@ -14,9 +14,11 @@ Real tools only: make, install, the system python3, systemd-analyze.
 """
 
 import os
+import shutil
 import pwd
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,44 @@ def test_installed_programs_run_and_units_verify(tmp_path):
     verify = subprocess.run(["systemd-analyze", "verify", "--man=no", "./smap.socket"],
                             cwd=units, capture_output=True, text=True, timeout=120)
     assert verify.returncode != 0
+
+
+def test_rsyslog_snippet_makes_a_log_socket_in_the_spool(tmp_path):
+    """conf/rsyslog.d/mailwall.conf, as installed, under the real rsyslogd:
+    it creates dev/log inside the spool (the smap chroot) and what smap
+    logs there arrives."""
+    realpeers.require("rsyslogd")
+    from common import log
+
+    work = Path(tempfile.mkdtemp(prefix="mwrs-"))      # short: AF_UNIX path limit
+    try:
+        spool = work / "spool"
+        spool.mkdir(mode=0o700)
+        (work / "work").mkdir()
+        snippet = (ROOT / "conf/rsyslog.d/mailwall.conf").read_text()
+        assert 'Socket="/var/spool/smap/dev/log"' in snippet
+        (work / "mailwall.conf").write_text(snippet.replace("/var/spool/smap", str(spool)))
+        conf = work / "rsyslog.conf"
+        conf.write_text(
+            'global(workDirectory="%s/work")\n'
+            'module(load="imuxsock" SysSock.Use="off")\n'
+            'include(file="%s/mailwall.conf")\n'
+            '*.* action(type="omfile" file="%s/messages")\n' % (work, work, work))
+        check = subprocess.run(["rsyslogd", "-N1", "-f", str(conf)], capture_output=True,
+                               text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
+        daemon = realpeers.Proc(["rsyslogd", "-n", "-f", conf, "-i", work / "pid"],
+                                log=work / "rsyslogd.out")
+        try:
+            socket_path = realpeers.wait_for_path(spool / "dev/log", 15)
+            logger = log.Log("smap", 2, str(socket_path))
+            logger.info("message", id="INSTALLTEST1", size=1)
+            realpeers.wait_until(
+                lambda: (work / "messages").exists()
+                and "smap[%d]: message id=INSTALLTEST1" % os.getpid() in (work / "messages").read_text(),
+                15, what="the log line through the chroot socket")
+            logger.close()
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
