@@ -142,7 +142,10 @@ class Daemon:
 class Client:
     """A raw POP3 client with bounded reads (for the exchanges poplib refuses)."""
 
+    opened = []
+
     def __init__(self, port, host="127.0.0.1", source="127.0.0.1", timeout=30):
+        Client.opened.append(self)
         self.sock = socket.create_connection((host, port), timeout=timeout,
                                              source_address=(source, 0))
         self.buffer = b""
@@ -286,3 +289,11 @@ def gateway(setup):
     """pop3-gw --daemon in the foreground on a free loopback port."""
     with Daemon(setup) as daemon:
         yield daemon
+
+
+@pytest.fixture(autouse=True)
+def close_clients():
+    """Close every Client a test opened, however it ended."""
+    yield
+    while Client.opened:
+        Client.opened.pop().close()

@@ -19,7 +19,8 @@ from tests.integration import realpeers
 pytestmark = pytest.mark.integration
 
 
-from tests.integration.pop3_helpers import dovecot, gateway, setup, shared_dir  # noqa: F401
+from tests.integration.pop3_helpers import (  # noqa: F401
+    close_clients, dovecot, gateway, setup, shared_dir)
 
 
 def message(subject, body_lines):
