@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def program(name):
 
 
 class LogCollector:
-    """A private AF_UNIX datagram socket standing where syslog would be."""
+    """A private AF_UNIX datagram socket standing where syslog would be,
+    drained by a thread as syslogd would drain it (a full socket queue
+    would block the logging programs)."""
 
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="mwsec-"))
@@ -48,17 +51,27 @@ class LogCollector:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.path))
         os.chmod(self.path, 0o666)
-        self.sock.setblocking(False)
+        self.sock.settimeout(0.2)
         self.lines = []
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
 
-    def read(self):
-        while True:
+    def _drain(self):
+        while self.running:
             try:
                 data = self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            self.lines.append(data.decode("utf-8", "replace"))
-        return list(self.lines)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.lines.append(data.decode("utf-8", "replace"))
+
+    def read(self):
+        with self.lock:
+            return list(self.lines)
 
     def wait_for(self, text, timeout=5):
         deadline = time.monotonic() + timeout
@@ -68,10 +81,12 @@ class LogCollector:
                 return found[0]
             if time.monotonic() > deadline:
                 raise AssertionError("%r not logged within %ss; got:\n%s"
-                                     % (text, timeout, "\n".join(self.lines)))
+                                     % (text, timeout, "\n".join(self.read())))
             time.sleep(0.02)
 
     def close(self):
+        self.running = False
+        self.thread.join(2)
         self.sock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
