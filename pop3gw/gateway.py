@@ -195,6 +195,34 @@ class MonitorLink:
                                      upstream.UNAVAILABLE)
 
 
+LINGER_SECONDS = 2
+LINGER_BYTES = 1 << 20
+
+
+def linger_close():
+    """Close our sending side, then read and drop what the client still sends
+    for a bounded time: closing with unread input makes the kernel send a
+    reset, which can destroy our last -ERR before the client reads it."""
+    try:
+        sock = socket.socket(fileno=os.dup(1))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER_SECONDS)
+        deadline = time.monotonic() + LINGER_SECONDS
+        dropped = 0
+        while dropped < LINGER_BYTES and time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            dropped += len(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 def jailed_session(context, peer, link_socket, started):
     config, logger = context.config, context.logger
     link = MonitorLink(link_socket)
@@ -246,6 +274,7 @@ def jailed_session(context, peer, link_socket, started):
                                                      result.server_bytes, result.ended)
     except lineio.Closed:
         ended = "client write failed"
+    linger_close()
     logger.info("disconnect", reason=ended,
                 bytes_in=channel.bytes_in + client_bytes,
                 bytes_out=channel.bytes_out + server_bytes,
