@@ -151,6 +151,7 @@ class SmapSetup:
 
     def __init__(self, tmp_path, lines=(), timeout=30, maxchildren=None):
         self.root = Path(tmp_path)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.spool = self.root / "spool"
         self.logs = LogCollector()
         self.table = self.root / "netperm-table"
