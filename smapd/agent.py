@@ -336,8 +336,10 @@ class Agent:
         signal.set_wakeup_fd(wake_write)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         open_channel = True
-        while open_channel or self.children:
+        while True:
             self.reap()
+            if not open_channel and not self.children:
+                break
             watched = [wake_read] + ([self.channel] if open_channel else [])
             try:
                 ready, _, _ = select.select(watched, [], [], 5.0)

@@ -153,6 +153,7 @@ def warm_up():
     agent.decode_result(agent.encode_result("0000", [("a@b", "ok", "x")]))
     time.localtime()
     time.strftime("%b %d %H:%M:%S")
+    skeleton.set_title("smapd: starting")     # setproctitle sets itself up from /proc
     return socket.getfqdn()
 
 

@@ -68,6 +68,7 @@ class Scanner:
         self.inflight = {}
         self.attempted = set()
         self.rescan = True
+        self.backlog = False
         self.flush = False
         self.stopping = False
         self.earliest_due = None
@@ -152,6 +153,8 @@ class Scanner:
             self.settle(message_id, flight, dict((r, (k, t)) for r, k, t in outcomes))
         finally:
             os.close(flight.fd)
+        if self.backlog:
+            self.rescan = True
         return True
 
     def expire_lost(self):
@@ -175,10 +178,11 @@ class Scanner:
                 self.log.notice("sweep", id=name, reason="stale temporary file removed")
         force, self.flush = self.flush, False
         self.earliest_due = None
+        self.backlog = False
         dispatched = 0
         for name in spool.queued(self.base):
             if len(self.inflight) >= self.maxchildren:
-                self.rescan = False
+                self.backlog = True     # look again as soon as a delivery settles
                 break
             if name in self.inflight or (self.once and name in self.attempted):
                 continue
@@ -194,6 +198,8 @@ class Scanner:
                 dispatched += 1
             else:
                 os.close(fd)
+        if self.backlog and force:
+            self.flush = True           # the messages left over are flushed too
         return dispatched
 
     def claim(self, name):

@@ -34,7 +34,8 @@ def uucp_ids():
 
 def write_table(path, directory, lines=(), sendmail=None, logsocket=None):
     """A netperm-table for smap and smapd on the spool `directory`."""
-    text = ["smap, smapd: directory %s" % directory,
+    # the first matching line wins: the test's own lines go first
+    text = list(lines) + ["smap, smapd: directory %s" % directory,
             "smap, smapd: userid %s" % USER,
             "smap, smapd: accept-domains example.org",
             "smap: hostname gw.example.org",
@@ -43,7 +44,6 @@ def write_table(path, directory, lines=(), sendmail=None, logsocket=None):
         text.append("smapd: sendmail %s" % " ".join(sendmail))
     if logsocket:
         text.append("*: logsocket %s" % logsocket)
-    text += list(lines)
     Path(path).write_text("\n".join(text) + "\n")
     return Path(path)
 
@@ -125,11 +125,7 @@ class Smapd:
         return pid == self.pid and len(self.children()) >= 1
 
     def children(self):
-        try:
-            text = Path("/proc/%d/task/%d/children" % (self.pid, self.pid)).read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
+        return children_of(self.pid)
 
     def agent_pid(self):
         children = self.children()
@@ -143,6 +139,44 @@ class Smapd:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def parent_of(pid):
+    try:
+        text = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else int(fields[1])
+
+
+def children_of(pid):
+    """Live (non-zombie) children of pid, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and parent_of(int(entry)) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def descendants_of(pid):
+    result, todo = [], [pid]
+    while todo:
+        for child in children_of(todo.pop()):
+            result.append(child)
+            todo.append(child)
+    return result
+
+
+def proc_status(pid, key):
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith(key + ":"):
+            return line.split(":", 1)[1].split()
+    return None
+
+
+def title_of(pid):
+    return Path("/proc/%d/cmdline" % pid).read_bytes().replace(b"\0", b" ").strip().decode()
 
 
 # -- the real smap over a socketpair, exactly as inetd hands it a socket ----
