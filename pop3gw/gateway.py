@@ -77,6 +77,7 @@ def connection(context):
         logger.notice("deny", host=peer.name_text, addr=peer.addr_text,
                       reason="no permit-hosts rule for this host")
         send(b"-ERR [SYS/PERM] access denied for this host\r\n")
+        linger_close()
         return 0
     if context.database.refresh() and context.database.error:
         logger.error("authfile", reason=context.database.error)

@@ -297,3 +297,22 @@ def close_clients():
     yield
     while Client.opened:
         Client.opened.pop().close()
+
+
+def status_of(pid):
+    """The fields of /proc/PID/status as {name: value text}."""
+    with open("/proc/%d/status" % pid) as status:
+        return {key: value.strip() for key, _, value in
+                (line.partition(":") for line in status)}
+
+
+def jailed_children(ancestor, uid=65534):
+    """Descendants of ancestor whose real, effective, saved and fs uid are uid."""
+    found = []
+    for pid in session_children(ancestor):
+        try:
+            if status_of(pid)["Uid"].split() == [str(uid)] * 4:
+                found.append(pid)
+        except (OSError, KeyError):
+            continue
+    return found
