@@ -325,6 +325,7 @@ class Scanner:
             # more recipients than one request carries: the rest go out at once
             record.next_try = 0.0
             state.save(self.base, name, record)
+            self.attempted.discard(name)    # --once goes on with the next batch too
             self.rescan = True
 
     def complete(self, name, flight):

@@ -172,3 +172,16 @@ def test_quarantine(setup):
         assert argv == ["-oi", "-f", "", "--", "postmaster"]
         assert b"quarantined" in data
     assert_every_line_has_an_id(rsyslog, ids.values())
+
+
+def test_more_recipients_than_one_request_carries(setup):
+    directory, recorder, table, rsyslog = setup
+    recipients = ["r%03d@example.org" % n for n in range(150)] + ["postmaster"]
+    message_id = helpers.spool_message(directory, "a@example.net", recipients, MESSAGE)
+    result = helpers.run_once(table)
+    assert result.returncode == 0, result.stderr
+    assert not in_queue(directory, message_id)
+    runs = helpers.recorded_runs(recorder)
+    assert len(runs) == 2 and all(len(argv) <= 4 + 100 for argv, _, _ in runs)
+    delivered = [r for argv, _, _ in runs for r in argv[argv.index("--") + 1:]]
+    assert sorted(delivered) == sorted(recipients)      # bare postmaster: the postmaster attribute
