@@ -318,7 +318,10 @@ class Agent:
         self.sendmail = config.get("sendmail")
         self.hub = config.get("mailhub")
         self.timeout = config.get("deliver-timeout")
-        self.maxchildren = config.get("maxchildren")
+        # The scanner keeps at most `maxchildren` deliveries in flight; a worker
+        # that has reported may not have been reaped yet, so the agent's own
+        # bound, a guard against a misbehaving scanner, leaves room for those.
+        self.maxchildren = 2 * config.get("maxchildren")
         self.log = log
         self.helo = helo
         self.children = {}          # pid -> queue id
