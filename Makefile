@@ -89,3 +89,18 @@ install:
 	install -d -m 0755 $(DESTDIR)$(EMPTYDIR)
 	@$(INSTALL_PYTHON) -c 'import daemon, setproctitle' 2>/dev/null || \
 	  echo "make install: also install python3-daemon and python3-setproctitle (apt-get install python3-daemon python3-setproctitle)"
+
+# -- issue 7: long fuzzing and fault injection (not part of `make test`) ----
+FUZZ_EXAMPLES ?= 120000
+TRIALS ?= 20
+SEED ?= 1
+
+# hypothesis with the long profile: FUZZ_EXAMPLES inputs for each of the
+# nine properties of tests/security/test_fuzz.py (default: ~1.08 million)
+fuzz: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=long FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VPY) -m pytest -q \
+	  tests/security/test_fuzz.py --hypothesis-show-statistics
+
+# fault injection: TRIALS trials, each killing or breaking one thing; repeatable from SEED
+soak: $(VENV)/.installed
+	$(VPY) tests/soak/soak.py --trials $(TRIALS) --seed $(SEED)

@@ -1,0 +1,330 @@
+"""Fuzzing with hypothesis: properties, not just "does not crash".
+
+Each property runs with the profile of tests/security/fuzzing.py: 200
+derandomized examples in CI, FUZZ_EXAMPLES (default 200000) in `make fuzz`.
+
+* netperm reader: never raises on any text or bytes; every problem is
+  `FILE:LINE: message` with a line that exists in the file.
+* host matcher: CIDR, ADDR:MASK, address globs and literal addresses agree
+  with the standard library's ipaddress; `!` inverts exactly.
+* spool reader: a valid file reads back exactly; any truncation or
+  extension raises SpoolError; a changed byte never makes it raise anything
+  else, nor move the message's framing.
+* smap session: nothing is spooled unless a well-formed CRLF.CRLF follows an
+  accepted DATA (the issue-2 property, run here with the fuzz profile).
+* pop3-gw client session: no session authenticates without the right digest
+  for the banner's timestamp.
+* smapd checks and the agent's request check: no recipient or sender that
+  starts with `-`, `|` or `/` ever passes, so none reaches the MTA argv; a
+  header section that passes has no NUL, no bare CR/LF, no line over 998.
+
+Pure: no sockets, no root; the spool properties use the real writer in a
+private temporary directory.
+"""
+
+import ipaddress
+import os
+import shutil
+import tempfile
+
+from hypothesis import assume, event, given, strategies as st
+
+from common import apop, authdb, hostmatch, netperm, spool
+from pop3gw import session as pop3_session
+from smapd import agent, checks
+from tests.security.fuzzing import FUZZ
+from tests.unit import test_smap_properties as smap_properties
+from tests.unit.smap_fixtures import RecordingLog
+
+# -- netperm reader ------------------------------------------------------------
+
+TABLE_WORDS = ["smap", "smapd", "pop3-gw", "authmgr", "*", ",", ":", " ", "\t", "#", "\\",
+               "'", '"', "permit-hosts", "deny-hosts", "-dest", "-user", "!", "userid",
+               "groupid", "directory", "/var/spool/smap", "timeout", "300", "-1", "99999999999",
+               "maxbytes", "1_000", "+5", "\u0663", "accept-domains", "example.com",
+               "permit-relay", "10.0.0.0/8", "10.0.0.1:255.0.0.0", "::1/129", "*.example.com",
+               "sendmail", "/usr/sbin/sendmail", "mailhub", "None", "[::1]:25", "host:99999",
+               "server", "logfacility", "mail", "local9", "userpass", "yes", "maybe", "\n",
+               "\r\n", "\0", "\x0b", "nosuchattribute", "uucp", "nosuchuser", "65534"]
+table_text = st.lists(st.one_of(st.sampled_from(TABLE_WORDS), st.text(max_size=8)),
+                      max_size=60).map("".join)
+
+
+def check_problems(config, path, text):
+    lines = max(1, text.count("\n") + 1)
+    for problem in config.problems:
+        shown = str(problem)
+        assert shown.startswith(path + ":"), shown
+        number = shown[len(path) + 1:].split(":", 1)[0]
+        assert number.isdigit() and 0 <= int(number) <= lines, shown
+        assert shown.split(":", 2)[2].strip(), shown
+
+
+@FUZZ
+@given(table_text, st.sampled_from(["smap", "smapd", "pop3-gw", "authmgr"]))
+def test_fuzz_netperm_reader_never_raises_and_reports_file_line(text, program):
+    config = netperm.parse(text, "/etc/table", program)
+    check_problems(config, "/etc/table", text)
+    for name in config.declared:
+        config.get(name)            # every attribute has a usable value or None
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_fuzz_netperm_load_of_any_bytes(data):
+    directory = tempfile.mkdtemp(prefix="mwfuzz-")
+    try:
+        path = os.path.join(directory, "table")
+        with open(path, "wb") as out:
+            out.write(data)
+        config = netperm.load(path, "smap")
+        check_problems(config, path, data.decode("utf-8", "replace"))
+    finally:
+        shutil.rmtree(directory)
+
+
+# -- host matcher ---------------------------------------------------------------
+
+ipv4 = st.integers(0, 2 ** 32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+ipv6 = st.integers(0, 2 ** 128 - 1).map(lambda n: str(ipaddress.IPv6Address(n)))
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_host_patterns_agree_with_ipaddress(data):
+    version = data.draw(st.sampled_from([4, 6]))
+    base = data.draw(ipv4 if version == 4 else ipv6)
+    prefix = data.draw(st.integers(0, 32 if version == 4 else 128))
+    network = ipaddress.ip_network("%s/%d" % (base, prefix), strict=False)
+    # an address near the network half the time, anywhere otherwise
+    if data.draw(st.booleans()):
+        offset = data.draw(st.integers(-3, 3))
+        value = int(network.network_address) + offset + \
+            data.draw(st.integers(0, max(0, network.num_addresses - 1)))
+        value %= 2 ** (32 if version == 4 else 128)
+        addr = str(ipaddress.ip_address(value) if version == 4 else ipaddress.IPv6Address(value))
+    else:
+        addr = data.draw(ipv4 if version == 4 else ipv6)
+    inside = ipaddress.ip_address(addr) in network
+    cidr = hostmatch.Pattern("%s/%d" % (base, prefix))
+    peer = hostmatch.Peer(addr)
+    assert cidr.hits(peer.addr, None) == inside or (
+        # IPv4-mapped IPv6 addresses are normalised to IPv4 and cannot hit a v6 net
+        version == 6 and ipaddress.IPv6Address(addr).ipv4_mapped is not None)
+    negated = hostmatch.Pattern("!%s/%d" % (base, prefix))
+    assert hostmatch.list_matches([negated], peer.addr, None) != \
+        hostmatch.list_matches([cidr], peer.addr, None)
+    if version == 4:
+        mask = hostmatch.Pattern("%s:%s" % (base, network.netmask))
+        assert mask.hits(addr, None) == inside
+        octets = base.split(".")
+        keep = data.draw(st.integers(1, 3))
+        glob = hostmatch.Pattern(".".join(octets[:keep]) + ".*")
+        glob_net = ipaddress.ip_network("%s/%d" % (".".join(octets[:keep] + ["0"] * (4 - keep)),
+                                                   8 * keep))
+        assert glob.hits(addr, None) == (ipaddress.ip_address(addr) in glob_net)
+        # an address glob never matches a host name made to look like it
+        assert not glob.hits("192.0.2.1", ".".join(octets[:keep]) + ".evil.example") or \
+            ipaddress.ip_address("192.0.2.1") in glob_net
+    literal = hostmatch.Pattern(base)
+    assert literal.hits(peer.addr, None) == (ipaddress.ip_address(addr) ==
+                                             ipaddress.ip_address(base)) or peer.addr != addr
+
+
+# -- spool reader -----------------------------------------------------------------
+
+addr_text = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=30)
+envelopes = st.fixed_dictionaries({
+    "sender": st.one_of(st.just(""), addr_text),
+    "rcpt": st.lists(addr_text, min_size=1, max_size=4),
+    "helo": addr_text, "client-addr": addr_text,
+})
+bodies = st.binary(max_size=400).filter(lambda b: b"MAILWALL-END" not in b)
+
+
+def write_valid(root, envelope, body):
+    message_id = spool.new_id()
+    writer = spool.MessageWriter(root, message_id)
+    writer.start(dict(envelope, id=message_id, arrival="1700000000.5"))
+    writer.write(body)
+    writer.commit()
+    return os.path.join(root, spool.QUEUE, message_id)
+
+
+def fresh_spool():
+    root = tempfile.mkdtemp(prefix="mwfuzz-")
+    spool.make_dirs(root)
+    return root
+
+
+@FUZZ
+@given(envelopes, bodies, st.data())
+def test_fuzz_spool_truncation_or_extension_is_always_detected(envelope, body, data):
+    root = fresh_spool()
+    try:
+        path = write_valid(root, envelope, body)
+        got_envelope, message = spool.read_message(path)
+        assert message == body and got_envelope["rcpt"] == envelope["rcpt"]
+        with open(path, "rb") as whole:
+            original = whole.read()
+        if data.draw(st.booleans()):
+            cut = data.draw(st.integers(0, len(original) - 1))
+            damaged = original[:cut]
+        else:
+            damaged = original + data.draw(st.binary(min_size=1, max_size=80))
+        with open(path, "wb") as out:
+            out.write(damaged)
+        try:
+            result = spool.read_message(path)
+        except spool.SpoolError:
+            return
+        raise AssertionError("damaged file read as %r" % (result,))
+    finally:
+        shutil.rmtree(root)
+
+
+@FUZZ
+@given(envelopes, bodies, st.data())
+def test_fuzz_spool_changed_byte_never_moves_the_framing(envelope, body, data):
+    # The format has no checksum: a changed byte inside the message text
+    # cannot be seen.  What must hold: the reader raises nothing but
+    # SpoolError, and whatever it accepts has the original message length
+    # and differs from the original in at most that one byte.
+    root = fresh_spool()
+    try:
+        path = write_valid(root, envelope, body)
+        with open(path, "rb") as whole:
+            original = bytearray(whole.read())
+        position = data.draw(st.integers(0, len(original) - 1))
+        original[position] ^= data.draw(st.integers(1, 255))
+        with open(path, "wb") as out:
+            out.write(original)
+        try:
+            got_envelope, message = spool.read_message(path)
+        except spool.SpoolError:
+            event("change detected")
+            return
+        event("change not detected")
+        assert len(message) == len(body)
+        assert sum(a != b for a, b in zip(message, body)) <= 1
+        assert got_envelope["rcpt"] and spool.valid_id(got_envelope["id"])
+        for value in [got_envelope["sender"]] + got_envelope["rcpt"]:
+            assert not any(ord(c) < 32 or ord(c) == 127 for c in value)
+    finally:
+        shutil.rmtree(root)
+
+
+# -- smap session (the issue-2 property under the fuzz profile) ---------------------
+
+test_fuzz_smap_session_spools_only_after_crlf_dot_crlf = FUZZ(given(smap_properties.transcripts)(
+    smap_properties.test_only_well_formed_messages_are_spooled_and_unchanged.hypothesis.inner_test))
+
+
+# -- pop3-gw client session -----------------------------------------------------------
+
+STAMP = "<4242.1700000000.00112233@gw.example.org>"
+USERS = {"alice": authdb.User("alice", True, "alicesecret"),
+         "bob": authdb.User("bob", False, "bobsecret")}
+RIGHT = apop.digest(STAMP, "alicesecret").encode()
+pop3_pieces = st.one_of(
+    st.sampled_from([b"APOP alice " + RIGHT, b"APOP alice " + RIGHT.upper(),
+                     b"APOP alice " + RIGHT[:-1], b"APOP alice " + RIGHT + b"0",
+                     b"APOP alice  " + RIGHT, b"APOP ALICE " + RIGHT,
+                     b"APOP alice " + apop.digest("<1.2@other>", "alicesecret").encode(),
+                     b"APOP bob " + apop.digest(STAMP, "bobsecret").encode(),
+                     b"APOP bob " + RIGHT, b"APOP mallory " + RIGHT,
+                     b"APOP alice%127.0.0.1 " + RIGHT, b"USER alice", b"PASS alicesecret",
+                     b"CAPA", b"STAT", b"RETR 1", b"QUIT", b"\0", b"APOP"]),
+    st.binary(max_size=40),
+    st.text(st.sampled_from("0123456789abcdef"), min_size=32, max_size=32).map(
+        lambda d: b"APOP alice " + d.encode()))
+pop3_line = st.tuples(pop3_pieces, st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r",
+                                                    b""])).map(b"".join)
+
+
+@FUZZ
+@given(st.lists(pop3_line, max_size=12), st.lists(st.integers(1, 30), max_size=6))
+def test_fuzz_pop3_session_never_authenticates_without_the_right_digest(lines, cuts):
+    settings = pop3_session.Settings(server=("127.0.0.1", 110), rules=[
+        hostmatch.parse_rule("permit-hosts", ["*"])], hostname="gw.example.org")
+    pop = pop3_session.Session(settings, hostmatch.Peer("192.0.2.9"), USERS, RecordingLog(),
+                               timestamp=STAMP)
+    transcript = b"".join(lines)
+    position = 0
+    for cut in cuts + [len(transcript)]:
+        if pop.closed or pop.login is not None:
+            break
+        pop.feed(transcript[position:position + cut])
+        position += cut
+    event("authenticated" if pop.login is not None else "not authenticated")
+    if pop.login is not None:
+        assert pop.login.user == "alice" and pop.login.secret == "alicesecret"
+        consumed = transcript[:len(transcript) - len(pop.rest)] if pop.rest else transcript
+        # the login line, CRLF-framed, is in what the session consumed
+        assert b"APOP alice " + RIGHT + b"\r\n" in consumed
+        assert (pop.login.host, pop.login.port) == ("127.0.0.1", 110)
+
+
+# -- smapd checks and the agent's request check ----------------------------------------
+
+hostile_address = st.lists(st.one_of(st.sampled_from(["-", "|", "/", '"', "@", "%", "!", " ",
+                                                      "\t", "\r", "\n", "\0", ".", "<", ">",
+                                                      "example.org", "o", "Q", "be", ":",
+                                                      "[", "]", "\\", ","]),
+                                     st.text(max_size=3)), min_size=1, max_size=10).map("".join)
+
+
+@FUZZ
+@given(st.one_of(st.just(""), hostile_address), st.lists(hostile_address, min_size=1,
+                                                         max_size=3))
+def test_fuzz_no_option_program_or_file_reaches_the_mta_argv(sender, recipients):
+    envelope = {"sender": sender, "rcpt": recipients}
+    passed_scanner = checks.envelope_problem(envelope) is None
+    with tempfile.TemporaryFile() as message:
+        message.write(b"Subject: x\r\n\r\nbody\r\n")
+        message.flush()
+        try:
+            request = agent.decode_request(
+                agent.encode_request("ABCDEF0123", sender, [], recipients, 0, 10),
+                message.fileno(), hub_enabled=False)
+        except agent.BadRequest:
+            request = None
+    event("agent accepted" if request is not None else "agent refused")
+    event("scanner accepted" if passed_scanner else "scanner refused")
+    if request is not None:
+        argv = ["/usr/sbin/sendmail", "-bm", "-oi", "-f", request["sender"], "--"] + \
+            request["mta"]
+        for word in argv[argv.index("--") + 1:] + [request["sender"]]:
+            assert not word.startswith(("-", "|", "/")), argv
+            assert not any(ord(c) < 32 for c in word), argv
+    if passed_scanner:
+        for word in recipients + ([sender] if sender else []):
+            assert not word.startswith(("-", "|", "/")), envelope
+            assert not any(ord(c) < 32 or ord(c) == 127 for c in word), envelope
+
+
+header_piece = st.one_of(
+    st.sampled_from([b"From: a@example.org", b"To: ", b"Cc: ", b"Bcc: ", b"Reply-To: ",
+                     b"Subject: x", b" folded", b"\tfolded", b"-oQ/tmp", b"|cmd", b"/etc/passwd",
+                     b'"-be"@x.org', b"<|cmd@x.org>", b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r",
+                     b"\0", b":", b"x" * 999, b"\r\n\r\n", b"body"]),
+    st.binary(max_size=10))
+
+
+@FUZZ
+@given(st.lists(header_piece, max_size=20).map(b"".join))
+def test_fuzz_header_checks_pass_only_clean_header_sections(data):
+    if checks.header_problem(data) is not None:
+        event("header refused")
+        return
+    event("header passed")
+    assert b"\0" not in data
+    assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
+    header, _ = checks.split_message(data)
+    for line in header.split(b"\r\n"):
+        assert len(line) <= 998
+    for name, raw in checks.fields(header):
+        if name in (b"to", b"cc", b"bcc", b"from", b"reply-to"):
+            value = raw.split(b":", 1)[1].strip()
+            assume(value)
+            assert not value.startswith((b"-", b"|", b"/")), raw
