@@ -156,19 +156,49 @@ class Env:
         rp.wait_for_listen(LOOPBACK, port)
         return {"port": port, "pid": proc.pid, **info}
 
+    def launcher(self, kind):
+        """A start-up script for smap, like the ones inetd would run:
+
+        install  exactly what `make install` writes to SBINDIR (#!PYTHON -I,
+                 the library directory first on sys.path), with the venv's
+                 interpreter and the checkout as the library directory;
+        nosite   the same with -IS (one word: a shebang passes one argument)
+                 and an explicit sys.path: the checkout, then the venv's
+                 site-packages (for setproctitle);
+        venv     .venv/bin/smap, the console script of the editable install.
+        """
+        if kind == "venv":
+            return str(VENV_BIN / "smap")
+        path = self.dir("launchers") / ("smap-" + kind)
+        python = str(VENV_BIN / "python")
+        if kind == "install":
+            text = ("#!%s -I\nimport sys\nsys.path.insert(0, %r)\n"
+                    "from smap.main import main\nsys.exit(main())\n" % (python, str(ROOT)))
+        else:
+            site = "%s/lib/python%d.%d/site-packages" % (VENV_BIN.parent, *__import__("sys")
+                                                         .version_info[:2])
+            text = ("#!%s -IS\nimport sys\nsys.path[:0] = [%r, %r]\n"
+                    "from smap.main import main\nsys.exit(main())\n" % (python, str(ROOT), site))
+        path.write_text(text)
+        os.chmod(path, 0o755)
+        return str(path)
+
+    LAUNCHERS = ("install", "nosite", "venv")
+
     def _start_xinetd(self):
-        """One xinetd with two services: smap, and the bare interpreter."""
+        """One xinetd: smap through each launcher, and the bare interpreter."""
         info = self.get("smap_table")
-        smap_port, bare_port = rp.free_port(), rp.free_port()
+        ports = {kind: rp.free_port() for kind in self.LAUNCHERS}
+        bare_port = rp.free_port()
         extra = "\tinstances = UNLIMITED\n\tper_source = UNLIMITED\n\tcps = 100000 1\n"
         python = os.path.realpath(VENV_BIN / "python")
-        text = (rp.Xinetd.service("mwsmap", smap_port, str(VENV_BIN / "smap"),
-                                  "-c %s" % info["table"], extra=extra)
-                + rp.Xinetd.service("mwbare", bare_port, python, "-I -S -c pass",
-                                    extra=extra))
+        text = "".join(rp.Xinetd.service("mwsmap-" + kind, ports[kind], self.launcher(kind),
+                                         "-c %s" % info["table"], extra=extra)
+                       for kind in self.LAUNCHERS)
+        text += rp.Xinetd.service("mwbare", bare_port, python, "-I -S -c pass", extra=extra)
         peer = self.stack.enter_context(rp.Xinetd(self.dir("xinetd"), text))
-        return {"smap_port": smap_port, "bare_port": bare_port, "pid": peer.proc.pid,
-                "python": python, **info}
+        return {"smap_port": ports["install"], "smap_ports": ports, "bare_port": bare_port,
+                "pid": peer.proc.pid, "python": python, **info}
 
     # ---- Postfix: smtpd with the discard transport, and sendmail
     def _start_postfix(self):

@@ -124,7 +124,7 @@ def session_latency_ms(port, mode, count):
     return (time.monotonic() - started) * 1000.0 / count
 
 
-def bulk_mbps(port, mode, quickack, expected):
+def bulk_mbps(port, mode, quickack, expected, size):
     client = Client(port, quickack)
     try:
         client.login(mode, "alice", peers.Env.USERS["alice"])
@@ -137,6 +137,9 @@ def bulk_mbps(port, mode, quickack, expected):
         client.quit()
     finally:
         client.close()
+    if total < expected * size:
+        raise RuntimeError("RETR gave %d octets in all, expected at least %d"
+                           % (total, expected * size))
     return total / elapsed / 1e6
 
 
@@ -209,7 +212,8 @@ def measurements(env, smoke):
             "pop3", "bulk LIST + RETR %s × 50 KB, %s" % ("5" if smoke else "200", client),
             "MB/s", True,
             variants(lambda server, mode, q=quickack: lambda: bulk_mbps(
-                _port(env, server), mode, q, env.get("dovecot")["bulk_count"])),
+                _port(env, server), mode, q, env.get("dovecot")["bulk_count"],
+                env.get("dovecot")["bulk_size"])),
             baseline="Dovecot direct"))
         out.append(Measurement(
             "pop3", "bulk one RETR of %s, %s" % ("256 KB" if smoke else "20 MB", client),

@@ -87,7 +87,8 @@ def intake_measurements(env, smoke):
                     else "new connection per message", messages)
                 variants = [Variant("Postfix smtpd", postfix, missing_any("smtp-source", "postfix")),
                             Variant("smap --daemon", smap_daemon, missing_any("smtp-source", "smap")),
-                            Variant("smap under xinetd", smap_xinetd,
+                            Variant("smap under xinetd (make install launcher)",
+                                    smap_xinetd,
                                     missing_any("smtp-source", "smap", "xinetd"))]
                 out.append(Measurement("smap intake", name, "msg/s", True, variants,
                                        baseline="Postfix smtpd"))
@@ -160,32 +161,43 @@ def spawn_on_socketpair_ms(argv, connections, session):
     return (time.monotonic() - started) * 1000.0 / connections
 
 
+LAUNCHER_LABELS = {"install": "smap (make install launcher, -I)",
+                   "nosite": "smap (launcher -IS, explicit sys.path)",
+                   "venv": "smap (.venv/bin/smap, editable console script)"}
+
+
 def inetd_measurements(env, smoke):
     connections = 3 if smoke else 100
     need_x = missing_any("smap", "xinetd")
-    bare = lambda: per_connection_ms(env.get("xinetd")["bare_port"], connections, wait_eof)
-    smap = lambda: per_connection_ms(env.get("xinetd")["smap_port"], connections,
-                                     smtp_quit_session)
     python = os.path.realpath(peers.VENV_BIN / "python")
+    bare = lambda: per_connection_ms(env.get("xinetd")["bare_port"], connections, wait_eof)
+
+    def smap_xinetd(kind):
+        return lambda: per_connection_ms(env.get("xinetd")["smap_ports"][kind], connections,
+                                         smtp_quit_session)
 
     def bare_direct():
         return spawn_on_socketpair_ms([python, "-I", "-S", "-c", "pass"], connections, wait_eof)
 
-    def smap_direct():
-        table = env.get("smap_table")["table"]
-        return spawn_on_socketpair_ms([str(peers.VENV_BIN / "smap"), "-c", str(table)],
-                                      connections, smtp_quit_session)
+    def smap_direct(kind):
+        def measure():
+            table = env.get("smap_table")["table"]
+            return spawn_on_socketpair_ms([env.launcher(kind), "-c", str(table)],
+                                          connections, smtp_quit_session)
+        return measure
 
+    base = "python -I -S -c pass"
     return [
         Measurement("smap per connection", "under xinetd: connect, banner, QUIT, close (%d)"
                     % connections, "ms", False,
-                    [Variant("python -I -S -c pass", bare, need_x),
-                     Variant("smap", smap, need_x)], baseline="python -I -S -c pass"),
+                    [Variant(base, bare, need_x)]
+                    + [Variant(LAUNCHER_LABELS[kind], smap_xinetd(kind), need_x)
+                       for kind in peers.Env.LAUNCHERS], baseline=base),
         Measurement("smap per connection", "started on a socketpair, no inetd (%d)"
                     % connections, "ms", False,
-                    [Variant("python -I -S -c pass", bare_direct, None),
-                     Variant("smap", smap_direct, missing_any("smap"))],
-                    baseline="python -I -S -c pass"),
+                    [Variant(base, bare_direct, None)]
+                    + [Variant(LAUNCHER_LABELS[kind], smap_direct(kind), missing_any("smap"))
+                       for kind in peers.Env.LAUNCHERS], baseline=base),
     ]
 
 
@@ -231,7 +243,8 @@ def memory_measurements(env, smoke):
     for which, label in ((0, "resident (VmRSS) of one smap connection process"),
                          (1, "private (Private_*) of one smap connection process")):
         out.append(Measurement("memory", label, "MiB", False,
-                               [Variant("smap under xinetd", under("xinetd", which),
+                               [Variant("smap under xinetd (make install launcher)",
+                                        under("xinetd", which),
                                         missing_any("smap", "xinetd")),
                                 Variant("smap --daemon child", under("daemon", which),
                                         missing_any("smap"))]))
