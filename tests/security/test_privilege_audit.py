@@ -1,0 +1,139 @@
+"""Privilege audit of every live mailwall process, read from /proc.
+
+All programs run at once, as root starts them in production:
+
+* smap in inetd mode with a session open (after its 220 banner);
+* smapd -F with a delivery in progress (the recording MTA takes 3 s for a
+  `slow…` recipient, so the scanner, the agent, the delivering worker and
+  the MTA all exist at the same moment);
+* pop3-gw --daemon with a client connected (the per-connection monitor and
+  the jailed session child).
+
+For each process /proc/PID/status gives the real, effective, saved and
+file-system uid and gid and the supplementary groups, and /proc/PID/root
+the root directory.  What DESIGN §1, §5, §7 and §8 require:
+
+| process                 | uid/gid (all four)   | groups | root          |
+|-------------------------|----------------------|--------|---------------|
+| smap session            | uucp/uucp            | none   | the spool     |
+| smapd scanner           | uucp/uucp            | none   | the spool     |
+| smapd agent, worker, MTA| uucp/uucp            | none   | /  (must exec)|
+| pop3-gw session child   | nobody/nogroup       | none   | its directory |
+| pop3-gw daemon, monitor | root (by design: the root-only auth db)| / |
+
+No smapd process and no process that reads a client's bytes has uid 0.
+"""
+
+import grp
+import os
+import pwd
+
+import pytest
+
+from tests.integration import pop3_helpers, realpeers
+from tests.integration import smapd_helpers as helpers
+from tests.integration.pop3_helpers import close_clients, shared_dir  # noqa: F401
+from tests.security.harness import SmapSetup
+
+pytestmark = pytest.mark.integration
+
+
+def ids(pid):
+    """{'Uid': [r, e, s, fs], 'Gid': [...], 'Groups': [...]} as ints."""
+    found = {}
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid", "Groups"):
+                found[key] = [int(v) for v in value.split()]
+    return found
+
+
+def root_of(pid):
+    return os.readlink("/proc/%d/root" % pid)
+
+
+def title_of(pid):
+    return helpers.title_of(pid)
+
+
+def assert_jailed(pid, uid, gid, root, what):
+    found = ids(pid)
+    assert found["Uid"] == [uid] * 4, (what, found)
+    assert found["Gid"] == [gid] * 4, (what, found)
+    assert found["Groups"] == [], (what, found)
+    assert root_of(pid) == str(root), (what, root_of(pid))
+
+
+def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslog):
+    realpeers.require_root()
+    uucp = pwd.getpwnam("uucp")
+    nobody = pwd.getpwnam("nobody")
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    audited = {}
+
+    # -- smapd with a delivery in progress ------------------------------------
+    directory = helpers.make_spool(tmp_path / "spool")
+    recorder = helpers.recorder_dir(tmp_path / "mta")
+    table = helpers.write_table(tmp_path / "table", directory,
+                                sendmail=helpers.recording_sendmail(recorder),
+                                logsocket=rsyslog.socket,
+                                lines=["smapd: deliver-timeout 60"])
+    smapd = helpers.Smapd(table, directory, tmp_path / "smapd.out")
+    # -- smap with a session open on the same spool ------------------------------
+    smap = SmapSetup(tmp_path / "smap")
+    smap.table = table
+    smap.spool = directory
+    # -- pop3-gw with a client connected -----------------------------------------
+    pop_setup = pop3_helpers.Setup(shared_dir / "gw", "127.0.0.1:9")
+    pop_daemon = None
+    try:
+        pop_daemon = pop3_helpers.Daemon(pop_setup)
+        client = smap.inetd()
+        assert client.reply()[0] == 220
+        pop_client = pop3_helpers.Client(pop_daemon.port, timeout=20)
+        assert pop_client.line().startswith(b"+OK")
+        helpers.spool_message(directory, "a@example.net", ["slow@example.org"],
+                              b"Subject: audit\r\n\r\nbody\r\n")
+        os.kill(smapd.pid, 10)              # SIGUSR1: scan now
+
+        def delivering():
+            workers = [p for p in helpers.descendants_of(smapd.pid)
+                       if title_of(p).startswith("smapd: delivering")]
+            return workers and [p for p in helpers.descendants_of(workers[0])] and workers
+        workers = realpeers.wait_until(delivering, 15, what="a delivery in progress")
+
+        # -- the audit, all processes alive at once --------------------------------
+        assert_jailed(client.proc.pid, uucp.pw_uid, uucp.pw_gid, directory, "smap session")
+        audited["smap session"] = client.proc.pid
+        assert_jailed(smapd.pid, uucp.pw_uid, uucp.pw_gid, directory, "smapd scanner")
+        audited["smapd scanner"] = smapd.pid
+        assert title_of(smapd.pid).startswith("smapd: scanner")
+        agent = smapd.agent_pid()
+        assert title_of(agent).startswith("smapd: agent")
+        for pid in [agent] + helpers.descendants_of(agent):
+            assert_jailed(pid, uucp.pw_uid, uucp.pw_gid, "/", "smapd %s" % title_of(pid))
+            audited[title_of(pid)[:40]] = pid
+        assert workers[0] in helpers.descendants_of(agent)
+        for pid in [smapd.pid] + helpers.descendants_of(smapd.pid):
+            assert 0 not in ids(pid)["Uid"], title_of(pid)
+        pop_processes = pop3_helpers.session_children(pop_daemon.proc.pid)
+        sessions = [p for p in pop_processes if not title_of(p).startswith("pop3-gw: monitor")]
+        monitors = [p for p in pop_processes if title_of(p).startswith("pop3-gw: monitor")]
+        assert len(sessions) == 1 and len(monitors) == 1, [title_of(p) for p in pop_processes]
+        assert_jailed(sessions[0], nobody.pw_uid, nogroup, pop_setup.chroot, "pop3-gw session")
+        audited["pop3-gw session"] = sessions[0]
+        for pid in (pop_daemon.proc.pid, monitors[0]):
+            assert root_of(pid) == "/"
+            audited[title_of(pid)[:40]] = pid
+        assert len(audited) >= 8, audited        # smap, scanner, agent, worker, MTA, pop3 x3
+        client.cmd("QUIT")
+        pop_client.command(b"QUIT")
+        # the delivery ends as it should: the MTA got exactly one run
+        realpeers.wait_until(lambda: helpers.recorded_runs(recorder), 20, what="MTA run")
+    finally:
+        smap.stop()
+        smapd.stop()
+        if pop_daemon is not None:
+            pop_daemon.stop()
+        pop_setup.log.close()
