@@ -89,6 +89,7 @@ def build(env, smoke, groups):
     if "smap" in groups:
         measurements += smtp_bench.inetd_measurements(env, smoke)
         measurements += smtp_bench.intake_measurements(env, smoke)
+        measurements += smtp_bench.fork_cost_measurements(env, smoke)
     if "smapd" in groups:
         measurements += smapd_bench.measurements(env, smoke)
     if "pop3" in groups:

@@ -17,6 +17,7 @@ It trusts the servers from bench.peers and the smtp-source binary.
 import os
 import socket
 import subprocess
+import sys
 import time
 
 from bench import peers
@@ -262,19 +263,77 @@ def spawn_ms(argv, count):
     return (time.monotonic() - started) * 1000.0 / count
 
 
+IMPORTS = ("socket", "signal", "getopt", "ipaddress", "fnmatch", "collections",
+           "encodings.idna", "setproctitle", "smap.main")
+
+
 def startup_measurements(env, smoke):
     """Where a fresh smap's start-up goes: the bare interpreter, with site,
-    and importing smap.main (what every inetd connection pays first)."""
-    count = 3 if smoke else 50
+    and the cost of each module smap's connection path used to import (or
+    still imports), each alone in `python -IS` with the same sys.path as the
+    -IS launcher.  This is the evidence for docs/PERFORMANCE.md."""
+    count = 3 if smoke else 40
     python = os.path.realpath(peers.VENV_BIN / "python")
     venv_python = str(peers.VENV_BIN / "python")
-    return [Measurement(
-        "start-up", "spawn and exit (%d)" % count, "ms", False,
-        [Variant("python -I -S -c pass", lambda: spawn_ms([python, "-I", "-S", "-c", "pass"],
-                                                          count)),
-         Variant("venv python -I -c pass", lambda: spawn_ms([venv_python, "-I", "-c", "pass"],
-                                                            count)),
-         Variant("venv python -I -c 'import smap.main'",
-                 lambda: spawn_ms([venv_python, "-I", "-c", "import smap.main"], count),
-                 missing_any("smap"))],
-        baseline="python -I -S -c pass")]
+    site = "%s/lib/python%d.%d/site-packages" % (peers.VENV_BIN.parent, *sys.version_info[:2])
+    path = "import sys; sys.path[:0] = [%r, %r]; " % (str(peers.ROOT), site)
+    base = "python -IS -c pass"
+    variants = [Variant(base, lambda: spawn_ms([python, "-IS", "-c", "pass"], count)),
+                Variant("venv python -I -c pass (site)",
+                        lambda: spawn_ms([venv_python, "-I", "-c", "pass"], count))]
+    for module in IMPORTS:
+        variants.append(Variant(
+            "python -IS: import %s" % module,
+            lambda module=module: spawn_ms([python, "-IS", "-c", path + "import " + module],
+                                           count),
+            missing_any("smap") if module == "smap.main" else None))
+    return [Measurement("start-up", "spawn, import, exit (%d)" % count, "ms", False, variants,
+                        baseline=base)]
+
+
+def daemon_child_cost(env, which, smoke):
+    """CPU and page faults of smap --daemon's children per connection, from
+    the daemon's cutime/cstime/cminflt around one smtp-source run."""
+    def measure():
+        info = env.get("smap")
+        messages = 10 if smoke else 300
+        before = _child_stat(info["pid"])
+        peers.clear_dir(os.path.join(info["spool"], "queue"))
+        smtp_source(info["port"], 10, messages, 5 * 1024, False)
+        count_and_clear(info["spool"], messages)
+        after = before
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:      # children are reaped a little later
+            after = _child_stat(info["pid"])
+            if not peers.children_of(info["pid"]):
+                break
+            time.sleep(0.05)
+        after = _child_stat(info["pid"])
+        delta = [a - b for a, b in zip(after, before)]
+        ticks = os.sysconf("SC_CLK_TCK")
+        return {"user": delta[1] * 1000.0 / ticks / messages,
+                "system": delta[2] * 1000.0 / ticks / messages,
+                "faults": delta[0] / messages}[which]
+    return measure
+
+
+def _child_stat(pid):
+    with open("/proc/%d/stat" % pid) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # after the name: state(0) ppid ... minflt(7) cminflt(8) ... cutime(13) cstime(14)
+    return int(fields[8]), int(fields[13]), int(fields[14])
+
+
+def fork_cost_measurements(env, smoke):
+    need = missing_any("smtp-source", "smap")
+    return [
+        Measurement("smap --daemon child", "user CPU per connection (-s 10, 5 KB)", "ms", False,
+                    [Variant("smap --daemon child", daemon_child_cost(env, "user", smoke), need)]),
+        Measurement("smap --daemon child", "system CPU per connection (-s 10, 5 KB)", "ms",
+                    False, [Variant("smap --daemon child", daemon_child_cost(env, "system",
+                                                                           smoke), need)]),
+        Measurement("smap --daemon child", "minor page faults per connection (-s 10, 5 KB)",
+                    "faults", False,
+                    [Variant("smap --daemon child", daemon_child_cost(env, "faults", smoke),
+                             need)]),
+    ]
