@@ -126,7 +126,7 @@ def message_text(token, size):
 
 
 def send(table, token, size=1000, kill_mid_data=False, kill_after_250=False, rng=None):
-    """Queue id when smap said 250, else None."""
+    """(reply code or None, queue id when smap said 250 else None)."""
     smap = Smap(table)
     try:
         assert smap.reply()[0] == 220
@@ -140,18 +140,18 @@ def send(table, token, size=1000, kill_mid_data=False, kill_after_250=False, rng
             smap.sock.sendall(data[:cut])
             time.sleep(rng.random() * 0.2)
             smap.kill()
-            return None
+            return None, None
         smap.sock.sendall(data)
         code, text = smap.reply()
         if code != 250:
-            return None
+            return code, None
         if kill_after_250:
             smap.kill()
         else:
             smap.command("QUIT")
-        return text.rsplit(" ", 1)[1]
+        return code, text.rsplit(" ", 1)[1]
     except (EOFError, OSError):
-        return None
+        return None, None
     finally:
         smap.close()
 
@@ -286,13 +286,13 @@ def run_trial(number, kind, rng, work, postfix, sink, stats, log=print):
                 out.write(b"\0" * max(0, free - 60 * 1024))
         for n, token in enumerate(tokens):
             stats.messages += 1
-            queue_id = send(table, token, size=25000 if kind == "spool-full" else 800,
+            code, queue_id = send(table, token, size=25000 if kind == "spool-full" else 800,
                             kill_mid_data=(kind == "smap-mid-data" and n == victim),
                             kill_after_250=(kind == "smap-after-250" and n == victim), rng=rng)
             if queue_id:
                 acked[token] = queue_id
-            elif kind == "spool-full":
-                fault = "refused-while-full"
+            elif kind == "spool-full" and code in (451, 452):
+                fault = "refused-%d-while-full" % code
             if kind == "smap-after-250" and n == victim:
                 fault = "killed-smap-after-250"
             if kind == "smap-mid-data" and n == victim:
@@ -328,7 +328,7 @@ def run_trial(number, kind, rng, work, postfix, sink, stats, log=print):
             token = "soak-%d-late-%d" % (number, rng.randrange(10 ** 9))
             tokens.append(token)
             stats.messages += 1
-            queue_id = send(table, token, size=25000)
+            code, queue_id = send(table, token, size=25000)
             if not queue_id:
                 stats.problems.append("trial %d: no 250 after space was freed" % number)
             else:
