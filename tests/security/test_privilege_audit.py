@@ -2,7 +2,8 @@
 
 All programs run at once, as root starts them in production:
 
-* smap in inetd mode with a session open (after its 220 banner);
+* smap in inetd mode and smap --daemon, each with a session open (after
+  the 220 banner);
 * smapd -F with a delivery in progress (the recording MTA takes 3 s for a
   `slow…` recipient, so the scanner, the agent, the delivering worker and
   the MTA all exist at the same moment);
@@ -15,7 +16,7 @@ the root directory.  What DESIGN §1, §5, §7 and §8 require:
 
 | process                 | uid/gid (all four)   | groups | root          |
 |-------------------------|----------------------|--------|---------------|
-| smap session            | uucp/uucp            | none   | the spool     |
+| smap session (inetd and --daemon child) | uucp/uucp | none | the spool |
 | smapd scanner           | uucp/uucp            | none   | the spool     |
 | smapd agent, worker, MTA| uucp/uucp            | none   | /  (must exec)|
 | pop3-gw session child   | nobody/nogroup       | none   | its directory |
@@ -91,6 +92,9 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
         pop_daemon = pop3_helpers.Daemon(pop_setup)
         client = smap.inetd()
         assert client.reply()[0] == 220
+        smap_daemon, smap_port = smap.daemon()
+        daemon_client = smap.connect(smap_port)
+        assert daemon_client.reply()[0] == 220
         pop_client = pop3_helpers.Client(pop_daemon.port, timeout=20)
         assert pop_client.line().startswith(b"+OK")
         helpers.spool_message(directory, "a@example.net", ["slow@example.org"],
@@ -106,6 +110,11 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
         # -- the audit, all processes alive at once --------------------------------
         assert_jailed(client.proc.pid, uucp.pw_uid, uucp.pw_gid, directory, "smap session")
         audited["smap session"] = client.proc.pid
+        daemon_children = helpers.children_of(smap_daemon.pid)
+        assert len(daemon_children) == 1
+        assert_jailed(daemon_children[0], uucp.pw_uid, uucp.pw_gid, directory,
+                      "smap --daemon session child")
+        audited["smap --daemon child"] = daemon_children[0]
         assert_jailed(smapd.pid, uucp.pw_uid, uucp.pw_gid, directory, "smapd scanner")
         audited["smapd scanner"] = smapd.pid
         assert title_of(smapd.pid).startswith("smapd: scanner")
@@ -126,7 +135,7 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
         for pid in (pop_daemon.proc.pid, monitors[0]):
             assert root_of(pid) == "/"
             audited[title_of(pid)[:40]] = pid
-        assert len(audited) >= 8, audited        # smap, scanner, agent, worker, MTA, pop3 x3
+        assert len(audited) >= 9, audited        # smap x2, scanner, agent, worker, MTA, pop3 x3
         client.cmd("QUIT")
         pop_client.command(b"QUIT")
         # the delivery ends as it should: the MTA got exactly one run

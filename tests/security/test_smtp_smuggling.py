@@ -153,3 +153,16 @@ def test_control_a_proper_message_with_dot_lines_is_spooled_whole(smap):
     assert envelope["rcpt"] == ["v@example.com"]
     assert message.endswith(b"\r\n\r\n.\r\n..\r\n x\r\nlast\r\n")
     assert client.cmd("QUIT")[0] == 221
+
+
+def test_every_variant_through_smap_daemon(smap):
+    # The same attack through `smap --daemon`: its children run the inetd path.
+    _, port = smap.daemon()
+    for name, variant in sorted(VARIANTS.items()):
+        client = smap.connect(port)
+        open_data(client)
+        client.send(b"Subject: one\r\n\r\nbody" + variant + SMUGGLED)
+        code, text = client.reply()
+        assert 500 <= code < 600, (name, text)
+        assert client.closed_by_server(10), name
+    assert smap.queued() == [] and smap.tmp_files() == []
