@@ -300,6 +300,12 @@ def run_trial(number, kind, rng, work, postfix, sink, stats, log=print):
                 # a half-received message is never visible to smapd
                 assert queue_id is None
         if kind in ("scanner", "agent", "mta-kill"):
+            # the MTA is in "slow" mode (2 s a run): wait for a run, then
+            # kill at a random moment inside that window
+            try:
+                realpeers.wait_until(lambda: mta_pids(mode_file), 10, 0.02, what="an MTA run")
+            except TimeoutError:
+                pass
             time.sleep(rng.random() * 1.5)
             if kind == "scanner":
                 target = smapd.scanner()
@@ -307,14 +313,12 @@ def run_trial(number, kind, rng, work, postfix, sink, stats, log=print):
                 target = smapd.agent()
             else:
                 targets = mta_pids(mode_file) or sendmail_pids(postfix.confdir)
-                realpeers.wait_until(lambda: mta_pids(mode_file), 5, what="an MTA run") \
-                    if not targets else None
-                targets = mta_pids(mode_file) or targets
                 target = rng.choice(targets) if targets else None
+            busy = bool(mta_pids(mode_file) or sendmail_pids(postfix.confdir))
             if target:
                 try:
                     os.kill(target, signal.SIGKILL)
-                    fault = "killed-" + kind
+                    fault = "killed-%s-%s" % (kind, "mid-delivery" if busy else "idle")
                 except ProcessLookupError:
                     pass
         elif kind in ("mta-75", "mta-hang", "mta-67"):
