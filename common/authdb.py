@@ -218,6 +218,12 @@ class Cache:
             self.users, self.identity, self.error = {}, "unusable", str(err)
         return self.error
 
+    def forget(self):
+        """Drop the users (keep knowing which file was seen): a process that
+        forks jailed children should not hand them the secrets."""
+        self.users = {}
+        self.identity = "forgotten"
+
     def refresh(self):
         """Reload if the file is not the one loaded; returns True if it reloaded."""
         try:

@@ -9,13 +9,13 @@ current, then splits in two:
   the POP3 dialogue (pop3gw.session), the upstream login (pop3gw.upstream)
   and the relay (pop3gw.relay);
 * the root monitor keeps nothing of the client's connection and answers the
-  child's two kinds of request on a socketpair: `resolve HOST PORT` (the
-  resolver needs /etc files the jail does not have, so names are resolved
-  outside it) and `login good|bad USER` (bad-login counts and lockouts go to
-  the db file, which the unprivileged child cannot write, so they persist
-  across sessions and processes).  The monitor trusts nothing the child
-  says: every request is a bounded line, re-checked, and their number is
-  bounded.
+  child's requests on a socketpair: `resolve HOST PORT` (the resolver needs
+  /etc files the jail does not have, so names are resolved outside it),
+  `verify USER DIGEST` and `sign TIMESTAMP` (pop3gw.authority: the secrets
+  stay in the monitor, which also writes bad-login counts and lockouts to
+  the db file, so they persist across sessions and processes).  The monitor
+  trusts nothing the child says: every request is a bounded line,
+  re-checked, and their number is bounded.
 """
 
 import os
@@ -23,11 +23,9 @@ import socket
 import stat
 import time
 
-from common import authdb, hostmatch, lineio, privs, skeleton
-from pop3gw import relay, session, upstream
+from common import apop, hostmatch, lineio, privs, skeleton
+from pop3gw import authority, relay, session, upstream
 
-MAX_REQUEST = 512
-MAX_REQUESTS = 32
 MAX_ADDRESSES = 8
 
 
@@ -79,19 +77,20 @@ def connection(context):
         send(b"-ERR [SYS/PERM] access denied for this host\r\n")
         linger_close()
         return 0
-    if context.database.refresh() and context.database.error:
-        logger.error("authfile", reason=context.database.error)
     directory = config.get("directory")
     if not prepare_directory(directory, logger):
         send(b"-ERR [SYS/TEMP] gateway misconfigured, try again later\r\n")
         return 1
+    settings = settings_of(config)
+    timestamp = apop.make_timestamp(settings.hostname)
     monitor_end, child_end = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         monitor_end.close()
         status = 1
         try:
-            status = jailed_session(context, peer, child_end, started)
+            status = jailed_session(config, logger, settings, peer, timestamp, child_end,
+                                    started)
         finally:
             os._exit(status)
     child_end.close()
@@ -101,7 +100,13 @@ def connection(context):
     os.dup2(devnull, 1)
     os.close(devnull)
     skeleton.set_title("pop3-gw: monitor %s" % peer.addr_text)
-    serve_child(monitor_end, config, context.database.path, logger)
+    # Read only now, after the fork: the jailed child never had the secrets
+    # in its memory.  Every session reads the current file: a change needs no signal.
+    if context.database.reload():
+        logger.error("authfile", reason=context.database.error)
+    keeper = authority.Authority(context.database, timestamp, config.get("maxbad"),
+                                 config.get("badsleep"), logger)
+    authority.serve(monitor_end, keeper, resolve_request, logger)
     monitor_end.close()
     _, status = os.waitpid(pid, 0)
     return 0 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else 1
@@ -115,87 +120,33 @@ def send(data):
 
 
 # -- the root monitor ---------------------------------------------------------
-def serve_child(channel, config, path, logger):
-    reader = channel.makefile("rb")
-    for _ in range(MAX_REQUESTS):
-        line = reader.readline(MAX_REQUEST + 1)
-        if not line:
-            return
-        if len(line) > MAX_REQUEST or not line.endswith(b"\n"):
-            logger.error("monitor", reason="oversized request from the session child")
-            return
-        words = line.decode("ascii", "replace").split()
-        answer = answer_request(words, config, path, logger)
-        try:
-            channel.sendall(answer.encode("ascii") + b"\n")
-        except OSError:
-            return
-    logger.error("monitor", reason="too many requests from the session child")
-
-
-def answer_request(words, config, path, logger):
-    if len(words) == 3 and words[0] == "resolve":
-        try:
-            host, port = session.parse_server("%s:%s" % (words[1], words[2]))
-        except ValueError as err:
-            return "error %s" % err
-        return resolve(host, port)
-    if len(words) == 3 and words[0] == "login" and words[1] in ("good", "bad") \
-            and authdb.valid_name(words[2]):
-        try:
-            record = authdb.record_login(path, words[2], words[1] == "good",
-                                         config.get("maxbad"), config.get("badsleep"))
-        except (OSError, authdb.AuthDbError) as err:
-            logger.error("authfile", path=path, reason=str(err))
-            return "error cannot record"
-        if record is not None and record.locked(time.time()) and words[1] == "bad":
-            logger.warning("lock", user=words[2], until=record.locked_until,
-                           reason="%d bad logins" % config.get("maxbad"))
-        return "ok"
-    return "error bad request"
+def resolve_request(words):
+    """The monitor's answer to `resolve HOST PORT`, names re-checked."""
+    if len(words) != 2:
+        return "refused bad request"
+    try:
+        host, port = session.parse_server("%s:%s" % (words[0], words[1]))
+    except ValueError as err:
+        return "refused %s" % err
+    return resolve(host, port)
 
 
 def resolve(host, port):
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as err:
-        return "error cannot resolve: %s" % (getattr(err, "strerror", None) or err)
+        return "refused cannot resolve: %s" % (getattr(err, "strerror", None) or err)
     addresses = []
     for info in infos:
         address = hostmatch.normalize_address(info[4][0])
         if address and address not in addresses:
             addresses.append(address)
     if not addresses:
-        return "error no address"
+        return "refused no address"
     return "ok " + " ".join(addresses[:MAX_ADDRESSES])
 
 
 # -- the jailed session child -----------------------------------------------------
-class MonitorLink:
-    """The child's end of the socketpair."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.reader = sock.makefile("rb")
-
-    def ask(self, request):
-        try:
-            self.sock.sendall(request.encode("ascii") + b"\n")
-            return self.reader.readline(MAX_REQUEST).decode("ascii", "replace").split()
-        except OSError:
-            return ["error", "monitor gone"]
-
-    def report(self, good, user):
-        self.ask("login %s %s" % ("good" if good else "bad", user))
-
-    def resolve(self, host, port):
-        answer = self.ask("resolve %s %d" % (host, port))
-        if answer[:1] == ["ok"]:
-            return answer[1:]
-        raise upstream.UpstreamError("cannot resolve %s: %s" % (host, " ".join(answer[1:])),
-                                     upstream.UNAVAILABLE)
-
-
 LINGER_SECONDS = 2
 LINGER_BYTES = 1 << 20
 
@@ -224,31 +175,23 @@ def linger_close():
         sock.close()
 
 
-def jailed_session(context, peer, link_socket, started):
-    config, logger = context.config, context.logger
-    link = MonitorLink(link_socket)
-    users = context.database.users
+def jailed_session(config, logger, settings, peer, timestamp, link_socket, started):
+    """The client's whole session, jailed: it holds no secret, only the link."""
+    link = authority.MonitorLink(link_socket)
     uid, gid, _ = privs.user_and_group(config)
     if not privs.drop(config.get("directory"), uid, gid):
         logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
-    context.database.users = {}          # keep only the copy the session uses
     channel = lineio.Channel(0, 1)
-    pop = session.Session(settings_of(config), peer, users, logger, report=link.report)
+    pop = session.Session(settings, peer, link, timestamp, logger)
     timeout = config.get("timeout")
     fields = dict(host=peer.name_text, addr=peer.addr_text)
     client_bytes = server_bytes = 0
     ended = "client quit"
     try:
         channel.write(pop.greeting())
-        # Before login `timeout` bounds a whole command line, not each read:
-        # a client dripping one byte at a time must not hold a session forever.
-        line_deadline = None
         while not pop.closed and pop.login is None:
             try:
-                wait = timeout if line_deadline is None else line_deadline - time.monotonic()
-                if wait <= 0:
-                    raise lineio.Timeout()
-                data = channel.read(wait)
+                data = channel.read(timeout)
             except lineio.Timeout:
                 channel.write(pop.timeout())
                 ended = "timeout before login"
@@ -256,13 +199,7 @@ def jailed_session(context, peer, link_socket, started):
             except lineio.Closed:
                 ended = "client closed before login"
                 break
-            before = pop.splitter.pending() + len(data)
             reply = pop.feed(data)
-            after = pop.splitter.pending()
-            if after == 0:
-                line_deadline = None
-            elif after < before or line_deadline is None:
-                line_deadline = time.monotonic() + timeout
             if reply:
                 channel.write(reply)
         if pop.closed and ended == "client quit":
@@ -272,8 +209,12 @@ def jailed_session(context, peer, link_socket, started):
             fields.update(user=login.user, dest="%s:%d" % (login.host, login.port))
             skeleton.set_title("pop3-gw: %s %s" % (peer.addr_text, login.user))
             try:
-                addresses = link.resolve(login.host, login.port)
-                server = upstream.login(addresses, login.port, login.user, login.secret, timeout)
+                try:
+                    addresses = link.resolve(login.host, login.port)
+                except LookupError as err:
+                    raise upstream.UpstreamError("cannot resolve %s: %s" % (login.host, err),
+                                                 upstream.UNAVAILABLE) from None
+                server = upstream.login(addresses, login.port, login.user, link.sign, timeout)
             except upstream.UpstreamError as err:
                 logger.notice("upstream-fail", reason=err.reason, **fields)
                 channel.write(err.reply)
@@ -293,4 +234,3 @@ def jailed_session(context, peer, link_socket, started):
                 bytes_out=channel.bytes_out + server_bytes,
                 duration="%.3f" % (time.monotonic() - started), **fields)
     return 0
-

@@ -4,9 +4,9 @@ inetd mode (no mode argument): the client is on fd 0/1 and fd 2 is silenced
 at once.  `--daemon [ADDR:]PORT` (default port 110): listen, detach with
 python-daemon unless `-F`, write the pid file (`--pidfile`, default
 /run/pop3-gw.pid), and fork one child per connection that runs exactly the
-inetd path (pop3gw.gateway).  SIGHUP re-reads the table and the auth db;
-the db is also re-read whenever its file changed (one stat per accepted
-connection); SIGTERM stops accepting.  Every module the jailed children need
+inetd path (pop3gw.gateway).  SIGHUP re-reads the table and checks the
+auth db; every session's root monitor reads the db file itself, so a change
+by authmgr needs no signal; SIGTERM stops accepting.  Every module the jailed children need
 is imported here, before any chroot.
 """
 
@@ -30,17 +30,12 @@ DEFAULT_PIDFILE = "/run/pop3-gw.pid"
 
 
 class Server(skeleton.Daemon):
-    """The accept loop, with a fresh look at the auth db before each fork."""
+    """The accept loop; SIGHUP re-reads the table and checks the auth db."""
 
     def __init__(self, listener, context, options, **kwargs):
         super().__init__(listener, lambda: gateway.connection(context), context.logger,
                          context.config.get("maxchildren"), on_reload=self.reload_all, **kwargs)
         self.context, self.options = context, options
-
-    def accept_one(self, wake_r, wake_w):
-        if self.context.database.refresh() and self.context.database.error:
-            self.log.error("authfile", reason=self.context.database.error)
-        super().accept_one(wake_r, wake_w)
 
     def reload_all(self):
         config = netperm.load(self.options.config, PROGRAM)
@@ -51,8 +46,16 @@ class Server(skeleton.Daemon):
             self.context.config = config
             self.maxchildren = config.get("maxchildren")
             self.context.database = authdb.Cache(config.get("authfile"))
-        error = self.context.database.reload()
-        self.log.info("reload", users=len(self.context.database.users), reason=error)
+        self.log.info("reload", **check_database(self.context.database))
+
+
+def check_database(database):
+    """Read the db once to report on it, then forget the secrets again (each
+    session's root monitor reads the file itself, after forking its child)."""
+    error = database.reload()
+    fields = dict(users=len(database.users), reason=error)
+    database.forget()
+    return fields
 
 
 def take_pidfile(argv):
@@ -86,11 +89,12 @@ def main(argv=None):
     echo = sys.stderr if options.daemon and options.foreground and sys.stderr.isatty() else None
     logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
     database = authdb.Cache(config.get("authfile"))
-    if database.reload():
-        logger.error("authfile", reason=database.error)
     context = gateway.Context(config, database, logger)
     if options.daemon is None:
         return gateway.connection(context)
+    checked = check_database(database)
+    if checked["reason"]:
+        logger.error("authfile", reason=checked["reason"])
     host, port = cli.parse_listen(options.daemon, 110)
     listener = skeleton.listen(host, port)
     if options.foreground:
@@ -98,7 +102,7 @@ def main(argv=None):
     else:
         skeleton.daemonize(pidfile, keep_fds=[listener.fileno()]
                            + ([logger.sock.fileno()] if logger.sock else []))
-    logger.info("listen", addr=host, port=port, users=len(database.users))
+    logger.info("listen", addr=host, port=port, users=checked["users"])
     Server(listener, context, options, busy_reply=b"-ERR [SYS/TEMP] too busy, try later\r\n",
            title="pop3-gw: listening on %s:%d" % (host, port)).run()
     return 0

@@ -7,9 +7,9 @@ client sends: a command is at most 255 octets with its CRLF (RFC 2449 §4),
 only CRLF ends a line (a bare CR or LF ends the session), NUL and other
 control or 8-bit characters are refused, errors and failed logins are
 counted and end the session.  `APOP name digest` with name `user` or
-`user%server[:port]` is checked with a constant-time compare; an unknown,
-disabled, secret-less or locked user gets the same answer as a wrong
-digest.  The host rules decide on source host, destination and user; a
+`user%server[:port]` is checked by an authority (pop3gw.authority: the root
+monitor, which alone holds the secrets); an unknown, disabled, secret-less
+or locked user gets the same answer as a wrong digest.  The host rules decide on source host, destination and user; a
 destination the client names with `%` must be permitted by a rule that has
 a `-dest` list (a rule without one permits only the configured `server`),
 so a client can never aim the proxy, and a digest of its secret, at a
@@ -20,7 +20,6 @@ sent after its login line; the caller then talks to the server.
 """
 
 import re
-import time
 
 from common import apop, authdb, hostmatch, lineio
 
@@ -51,10 +50,10 @@ class Settings:
 class Login:
     """Who logged in and where the session goes."""
 
-    __slots__ = ("user", "secret", "host", "port", "explicit")
+    __slots__ = ("user", "host", "port", "explicit")
 
-    def __init__(self, user, secret, host, port, explicit):
-        self.user, self.secret, self.host, self.port = user, secret, host, port
+    def __init__(self, user, host, port, explicit):
+        self.user, self.host, self.port = user, host, port
         self.explicit = explicit        # named by the client with user%server
 
 
@@ -105,15 +104,12 @@ def split_name(name):
 class Session:
     """greeting(), then feed(bytes) -> reply bytes until `closed` or `login`."""
 
-    def __init__(self, settings, peer, users, log, report=None, clock=time.time,
-                 timestamp=None):
+    def __init__(self, settings, peer, authority, timestamp, log):
         self.settings = settings
         self.peer = peer
-        self.users = users                      # {name: authdb.User}
+        self.authority = authority      # verify(user, digest) -> ("ok"|"refused", reason)
+        self.timestamp = timestamp      # the authority checks digests against this one
         self.log = log
-        self.report = report or (lambda good, user: None)
-        self.clock = clock
-        self.timestamp = timestamp or apop.make_timestamp(settings.hostname)
         self.splitter = lineio.LineSplitter(COMMAND_LIMIT)
         self.state = AUTHORIZATION
         self.errors = 0
@@ -207,8 +203,8 @@ class Session:
         if self.pending_user is None:
             return self.error(b"-ERR USER first\r\n", "PASS before USER")
         name, self.pending_user = self.pending_user, None
-        return self.authenticate(name, lambda secret: apop.check(
-            self.timestamp, secret, apop.digest(self.timestamp, argument)), "PASS")
+        # the password never leaves this process: the monitor checks its digest
+        return self.authenticate(name, apop.digest(self.timestamp, argument), "PASS")
 
     def do_apop(self, argument):
         words = argument.split(" ")
@@ -218,11 +214,11 @@ class Session:
         if not apop.well_formed_digest(offered):
             return self.error(b"-ERR APOP digest must be 32 lowercase hex digits\r\n",
                               "malformed APOP digest")
-        return self.authenticate(name, lambda secret: apop.check(self.timestamp, secret,
-                                                                  offered), "APOP")
+        return self.authenticate(name, offered, "APOP")
 
     # -- the decision -------------------------------------------------------
-    def authenticate(self, name, digest_matches, method):
+    def authenticate(self, name, offered, method):
+        """offered: the APOP digest (for PASS, the digest of the password)."""
         user_name, server_text = split_name(name)
         peer = self.peer
         if not authdb.valid_name(user_name):
@@ -241,27 +237,9 @@ class Session:
             self.log.error("refuse", addr=peer.addr_text, user=user_name,
                            reason="no server configured and none named")
             return self.close(b"-ERR [SYS/PERM] no POP3 server configured\r\n")
-        record = self.users.get(user_name)
-        now = self.clock()
-        secret = record.secret if record is not None and record.secret else None
-        # Compute and compare even for an unknown user, so both look alike.
-        matches = digest_matches(secret if secret is not None else "\0unknown user\0")
-        reason = None
-        if record is None:
-            reason = "unknown user"
-        elif secret is None:
-            reason = "no secret set"
-        elif not record.enabled:
-            reason = "account disabled"
-        elif record.locked(now):
-            reason = "account locked until %d" % record.locked_until
-        elif not matches:
-            reason = "wrong %s secret" % method
-        if reason is not None:
-            if secret is not None and not matches:
-                self.report(False, user_name)     # counts towards maxbad
-            return self.fail(user_name, reason)
-        self.report(True, user_name)
+        verdict, reason = self.authority.verify(user_name, offered)
+        if verdict != "ok":
+            return self.fail(user_name, "%s (%s)" % (reason, method))
         dest = "%s:%d" % (host, port)
         rules = self.settings.rules
         if server_text is not None:
@@ -276,7 +254,7 @@ class Session:
                               % (user_name.encode(), host.encode()))
         self.log.info("permit", host=peer.name_text, addr=peer.addr_text, user=user_name,
                       dest=dest, rule=rule.line if rule else None)
-        self.login = Login(user_name, secret, host, port, server_text is not None)
+        self.login = Login(user_name, host, port, server_text is not None)
         self.state = LOGGED_IN
         return b""
 

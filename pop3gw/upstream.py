@@ -96,8 +96,9 @@ def passed_through(line):
     return line.rstrip(b"\r\n") + b"\r\n"
 
 
-def login(addresses, port, user, secret, timeout):
-    """A Connection logged in as user, or UpstreamError (the socket closed)."""
+def login(addresses, port, user, sign, timeout):
+    """A Connection logged in as user, or UpstreamError (the socket closed).
+    sign(timestamp) gives the APOP digest (the secret stays with the caller)."""
     sock = connect(addresses, port, timeout)
     try:
         reader = LineReader(sock, timeout)
@@ -111,8 +112,10 @@ def login(addresses, port, user, secret, timeout):
             timestamp = apop.find_timestamp(greeting)
         except ValueError as err:
             raise UpstreamError(str(err), NO_APOP) from None
-        command = b"APOP %s %s\r\n" % (user.encode("ascii"),
-                                       apop.digest(timestamp, secret).encode("ascii"))
+        signature = sign(timestamp)
+        if signature is None:
+            raise UpstreamError("no APOP digest for this timestamp", NO_APOP)
+        command = b"APOP %s %s\r\n" % (user.encode("ascii"), signature.encode("ascii"))
         sock.settimeout(timeout)
         try:
             sock.sendall(command)

@@ -4,7 +4,7 @@ transcripts of what a client sends and what it must get back."""
 import pytest
 
 from common import apop, authdb, hostmatch
-from pop3gw import session
+from pop3gw import authority, session
 
 STAMP = "<1.2.abc@gw.test>"
 SERVER = ("mail.inside", 110)
@@ -40,15 +40,34 @@ def users():
     }
 
 
+class MemoryDb:
+    """An authdb.Cache stand-in that never touches a file."""
+
+    def __init__(self, users):
+        self.users, self.path, self.error = users, None, None
+
+    def refresh(self):
+        return False
+
+
+class RecordingAuthority(authority.Authority):
+    """The real Authority, with the db writes recorded instead of done."""
+
+    def __init__(self, log, now):
+        super().__init__(MemoryDb(users()), STAMP, 5, 300, log, clock=lambda: now)
+        self.reports = []
+
+    def record(self, name, good):
+        self.reports.append((good, name))
+
+
 def make(table=("permit-hosts 127.0.0.0/8",), peer="127.0.0.1", userpass=False,
          server=SERVER, now=1000):
     log = RecordingLog()
-    reports = []
+    keeper = RecordingAuthority(log, now)
     pop = session.Session(session.Settings(server, userpass, rules(*table), "gw.test"),
-                          hostmatch.Peer(peer), users(), log,
-                          report=lambda good, user: reports.append((good, user)),
-                          clock=lambda: now, timestamp=STAMP)
-    return pop, log, reports
+                          hostmatch.Peer(peer), keeper, STAMP, log)
+    return pop, log, keeper.reports
 
 
 def apop_line(name, secret="alicesecret"):
@@ -75,8 +94,8 @@ def test_good_apop_logs_in_to_the_configured_server():
     assert pop.feed(apop_line("alice")) == b""
     assert pop.state == session.LOGGED_IN
     login = pop.login
-    assert (login.user, login.secret, login.host, login.port, login.explicit) == \
-        ("alice", "alicesecret", "mail.inside", 110, False)
+    assert (login.user, login.host, login.port, login.explicit) == \
+        ("alice", "mail.inside", 110, False)
     assert reports == [(True, "alice")]
     assert log.named("permit")[0]["dest"] == "mail.inside:110"
 
@@ -88,7 +107,7 @@ def test_bytes_after_the_login_line_are_kept_for_the_server():
 
 
 @pytest.mark.parametrize("name, secret, reason", [
-    ("alice", "wrong", "wrong APOP secret"),
+    ("alice", "wrong", "wrong secret (APOP)"),
     ("nosuch", "alicesecret", "unknown user"),
     ("off", "offsecret", "account disabled"),
     ("locked", "lockedsecret", "account locked"),
@@ -155,7 +174,7 @@ def test_user_pass_only_when_enabled():
     pop, _, reports = make(userpass=True)
     assert pop.feed(b"USER alice\r\n").startswith(b"+OK")
     assert pop.feed(b"PASS alicesecret\r\n") == b""
-    assert pop.login.user == "alice" and pop.login.secret == "alicesecret"
+    assert pop.login.user == "alice" and reports == [(True, "alice")]
     pop, _, _ = make(userpass=True)
     pop.feed(b"USER nosuch\r\n")
     assert pop.feed(b"PASS x\r\n") == session.AUTH_FAILED

@@ -1,0 +1,164 @@
+"""Who holds the APOP secrets: only the root monitor of a pop3-gw session.
+
+`Authority` lives in the root process that stays outside the jail.  It
+keeps the auth db (a common.authdb.Cache, refreshed before each decision)
+and answers two questions for the jailed session child:
+
+* `verify(user, digest)`: is this the right APOP digest for the session's
+  own timestamp?  It compares in constant time, gives an unknown, disabled,
+  secret-less or locked user the same "no" as a wrong digest (only the log
+  reason differs), and records the outcome in the db file itself (bad-login
+  count, lockout after `maxbad` for `badsleep`, last login), so counting
+  survives the session's processes and cannot be skipped by the child.
+* `sign(timestamp)`: the digest of the upstream server's timestamp, for the
+  one user verified in this session only, for a well-formed msg-id only,
+  and a bounded number of times.
+
+So the jailed child never holds a secret: a compromised session can learn
+nothing about other users, nor make the monitor sign for them.
+`MonitorLink` is the child's end: the same two calls as bounded text lines
+over a socketpair; `serve` is the monitor's loop that answers them.
+"""
+
+import time
+
+from common import apop, authdb
+
+MAX_REQUEST = 512
+MAX_REQUESTS = 32
+MAX_SIGNATURES = 2
+REFUSED = "refused"
+
+
+class Authority:
+    def __init__(self, database, timestamp, maxbad, badsleep, log, clock=time.time):
+        self.database = database            # authdb.Cache
+        self.timestamp = timestamp          # the one this session's banner shows
+        self.maxbad, self.badsleep = maxbad, badsleep
+        self.log = log
+        self.clock = clock
+        self.verified = None
+        self.signatures = 0
+
+    def verify(self, name, offered):
+        """("ok", "") or ("refused", reason for the log)."""
+        if not authdb.valid_name(name) or not apop.well_formed_digest(offered):
+            return REFUSED, "malformed request"
+        if self.database.refresh() and self.database.error:
+            self.log.error("authfile", reason=self.database.error)
+        record = self.database.users.get(name)
+        secret = record.secret if record is not None and record.secret else None
+        # Compute and compare even for an unknown user, so both cost alike.
+        matches = apop.check(self.timestamp,
+                             secret if secret is not None else "\0unknown user\0", offered)
+        now = self.clock()
+        reason = None
+        if record is None:
+            reason = "unknown user"
+        elif secret is None:
+            reason = "no secret set"
+        elif not record.enabled:
+            reason = "account disabled"
+        elif record.locked(now):
+            reason = "account locked until %d" % record.locked_until
+        elif not matches:
+            reason = "wrong secret"
+        if secret is not None and not matches:
+            self.record(name, False)
+        if reason is not None:
+            return REFUSED, reason
+        self.record(name, True)
+        self.verified = name
+        return "ok", ""
+
+    def record(self, name, good):
+        if self.database.path is None:
+            return
+        try:
+            user = authdb.record_login(self.database.path, name, good, self.maxbad,
+                                       self.badsleep, self.clock())
+        except (OSError, authdb.AuthDbError) as err:
+            self.log.error("authfile", path=self.database.path, reason=str(err))
+            return
+        if user is not None and not good and user.locked(self.clock()):
+            self.log.warning("lock", user=name, until=user.locked_until,
+                             reason="%d bad logins" % self.maxbad)
+
+    def sign(self, timestamp):
+        """The upstream APOP digest, or None when it must not be given."""
+        if self.verified is None or self.signatures >= MAX_SIGNATURES \
+                or not apop.valid_timestamp(timestamp):
+            return None
+        record = self.database.users.get(self.verified)
+        if record is None or not record.secret:
+            return None
+        self.signatures += 1
+        return apop.digest(timestamp, record.secret)
+
+
+def answer(authority, line):
+    """The monitor's answer line to one request line from the child."""
+    words = line.split(" ")
+    if len(words) == 3 and words[0] == "verify":
+        verdict, reason = authority.verify(words[1], words[2])
+        return ("%s %s" % (verdict, reason)).strip()
+    if len(words) == 2 and words[0] == "sign":
+        signature = authority.sign(words[1])
+        return "ok %s" % signature if signature else "refused"
+    return "refused bad request"
+
+
+def serve(channel, authority, resolve, log):
+    """Answer the child until it closes the channel (bounded in size and number)."""
+    reader = channel.makefile("rb")
+    for _ in range(MAX_REQUESTS):
+        line = reader.readline(MAX_REQUEST + 1)
+        if not line:
+            return
+        if len(line) > MAX_REQUEST or not line.endswith(b"\n"):
+            log.error("monitor", reason="oversized request from the session child")
+            return
+        text = line[:-1].decode("ascii", "replace")
+        if text.startswith("resolve "):
+            reply = resolve(text.split(" ")[1:])
+        else:
+            reply = answer(authority, text)
+        try:
+            channel.sendall(reply.encode("ascii", "replace") + b"\n")
+        except OSError:
+            return
+    log.error("monitor", reason="too many requests from the session child")
+
+
+class MonitorLink:
+    """The jailed child's end of the socketpair: the Authority's calls, remotely."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def ask(self, request):
+        try:
+            self.sock.sendall(request.encode("ascii") + b"\n")
+            return self.reader.readline(MAX_REQUEST).decode("ascii", "replace").split(" ", 1)
+        except OSError:
+            return [REFUSED, "monitor gone"]
+
+    def verify(self, name, offered):
+        answer_words = self.ask("verify %s %s" % (name, offered))
+        verdict = answer_words[0].strip()
+        reason = answer_words[1].strip() if len(answer_words) > 1 else ""
+        return ("ok", "") if verdict == "ok" else (REFUSED, reason or "refused")
+
+    def sign(self, timestamp):
+        answer_words = self.ask("sign %s" % timestamp)
+        if answer_words[0] == "ok" and len(answer_words) == 2:
+            return answer_words[1].strip()
+        return None
+
+    def resolve(self, host, port):
+        """A list of addresses, or raise LookupError with the reason."""
+        answer_words = self.ask("resolve %s %d" % (host, port))
+        if answer_words[0] == "ok" and len(answer_words) == 2:
+            return answer_words[1].split()
+        raise LookupError(answer_words[-1].strip())
