@@ -126,10 +126,13 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
         assert workers[0] in helpers.descendants_of(agent)
         for pid in [smapd.pid] + helpers.descendants_of(smapd.pid):
             assert 0 not in ids(pid)["Uid"], title_of(pid)
-        pop_processes = pop3_helpers.session_children(pop_daemon.proc.pid)
-        sessions = [p for p in pop_processes if not title_of(p).startswith("pop3-gw: monitor")]
-        monitors = [p for p in pop_processes if title_of(p).startswith("pop3-gw: monitor")]
-        assert len(sessions) == 1 and len(monitors) == 1, [title_of(p) for p in pop_processes]
+        def pop_roles():
+            # the monitor renames itself just after the fork: wait for that
+            found = pop3_helpers.session_children(pop_daemon.proc.pid)
+            monitors = [p for p in found if title_of(p).startswith("pop3-gw: monitor")]
+            sessions = [p for p in found if p not in monitors]
+            return (sessions, monitors) if len(sessions) == len(monitors) == 1 else None
+        sessions, monitors = realpeers.wait_until(pop_roles, 10, what="pop3-gw monitor and session")
         assert_jailed(sessions[0], nobody.pw_uid, nogroup, pop_setup.chroot, "pop3-gw session")
         audited["pop3-gw session"] = sessions[0]
         for pid in (pop_daemon.proc.pid, monitors[0]):
