@@ -197,3 +197,50 @@ def test_poplib_sees_the_right_secret_and_the_gateway_pid_file(shared_dir, dovec
         setup.log.wait_for(r"pop3-gw\[\d+\]: stop ")
     finally:
         setup.log.close()
+
+
+def test_user_pass_only_where_the_table_allows_it(shared_dir, dovecot):
+    dovecot.deliver("alice", b"Subject: by USER/PASS\n\nbody\n")
+    setup = helpers.Setup(shared_dir / "gw", "localhost:%d" % dovecot.port)
+    try:
+        with helpers.Daemon(setup) as daemon:
+            pop = poplib.POP3("127.0.0.1", daemon.port, timeout=30)
+            with pytest.raises(poplib.error_proto, match="USER/PASS not allowed"):
+                pop.user("alice")
+            pop.close()
+        setup.lines.append("pop3-gw: userpass yes")
+        setup.write_table()
+        with helpers.Daemon(setup) as daemon:
+            pop = poplib.POP3("127.0.0.1", daemon.port, timeout=30)
+            assert "USER" in pop.capa()
+            pop.user("alice")
+            assert pop.pass_("alicesecret").startswith(b"+OK")      # APOP upstream
+            assert b"Subject: by USER/PASS" in pop.retr(1)[1]
+            pop.quit()
+    finally:
+        setup.log.close()
+
+
+def test_detached_daemon_writes_its_pid_file_and_stops_on_sigterm(shared_dir, dovecot):
+    setup = helpers.Setup(shared_dir / "gw", "localhost:%d" % dovecot.port)
+    pidfile = setup.root / "detached.pid"
+    port = realpeers.free_port()
+    try:
+        result = helpers.run(helpers.POP3GW + ["-c", setup.table, "--daemon",
+                                               "127.0.0.1:%d" % port, "--pidfile", pidfile])
+        assert result.returncode == 0 and result.stderr == b""
+        realpeers.wait_for_path(pidfile)
+        realpeers.wait_for_listen("127.0.0.1", port)
+        pid = int(pidfile.read_text().split()[0])
+        try:
+            pop = poplib.POP3("127.0.0.1", port, timeout=30)
+            assert pop.apop("alice", "alicesecret").startswith(b"+OK")
+            pop.quit()
+        finally:
+            os.kill(pid, signal.SIGTERM)
+        realpeers.wait_until(lambda: not pidfile.exists(), 15, what="pid file removed")
+        realpeers.wait_until(lambda: not realpeers.listening("127.0.0.1", port), 15,
+                             what="listener closed")
+        setup.log.wait_for(r"pop3-gw\[%d\]: stop " % pid)
+    finally:
+        setup.log.close()
