@@ -8,19 +8,15 @@ import os
 import poplib
 import random
 import threading
-import time
 
 import pytest
 
-from common import apop
 from tests.integration import pop3_helpers as helpers
 from tests.integration import realpeers
+from tests.integration.pop3_helpers import (  # noqa: F401  (fixtures)
+    close_clients, dovecot, gateway, setup, shared_dir)
 
 pytestmark = pytest.mark.integration
-
-
-from tests.integration.pop3_helpers import (  # noqa: F401
-    close_clients, dovecot, gateway, setup, shared_dir)
 
 
 def message(subject, body_lines):
