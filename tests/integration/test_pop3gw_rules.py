@@ -244,3 +244,24 @@ def test_detached_daemon_writes_its_pid_file_and_stops_on_sigterm(shared_dir, do
         setup.log.wait_for(r"pop3-gw\[%d\]: stop " % pid)
     finally:
         setup.log.close()
+
+
+def test_a_host_name_server_resolves_though_the_child_is_jailed(shared_dir, dovecot):
+    # both the configured server and a %server are names: the jailed child
+    # cannot read /etc/hosts, so this works only if the monitor resolves
+    setup = helpers.Setup(shared_dir / "gw", "localhost:%d" % dovecot.port, rules=(
+        "permit-hosts 127.0.0.1 -dest localhost *.invalid",
+        "permit-hosts 127.0.0.1"))
+    try:
+        with helpers.Daemon(setup) as daemon:
+            for name in ("alice", "alice%%localhost:%d" % dovecot.port):
+                reply, client = login(daemon.port, name)
+                assert reply.startswith(b"+OK"), reply
+                assert client.command(b"STAT").startswith(b"+OK 0 ")
+                client.command(b"QUIT")
+            reply, _ = login(daemon.port, "alice%no-such-host.invalid")
+            assert reply.startswith(b"-ERR [SYS/TEMP]")
+            setup.log.wait_for(r"upstream-fail .*cannot resolve no-such-host.invalid")
+            setup.log.wait_for(r"login .*user=alice dest=localhost:%d" % dovecot.port)
+    finally:
+        setup.log.close()
