@@ -189,9 +189,15 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
     ended = "client quit"
     try:
         channel.write(pop.greeting())
+        # Before login `timeout` bounds a whole command line, not each read:
+        # a client dripping one byte at a time must not hold a session forever.
+        line_deadline = None
         while not pop.closed and pop.login is None:
             try:
-                data = channel.read(timeout)
+                wait = timeout if line_deadline is None else line_deadline - time.monotonic()
+                if wait <= 0:
+                    raise lineio.Timeout()
+                data = channel.read(wait)
             except lineio.Timeout:
                 channel.write(pop.timeout())
                 ended = "timeout before login"
@@ -199,7 +205,13 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
             except lineio.Closed:
                 ended = "client closed before login"
                 break
+            before = pop.splitter.pending() + len(data)
             reply = pop.feed(data)
+            after = pop.splitter.pending()
+            if after == 0:
+                line_deadline = None
+            elif after < before or line_deadline is None:
+                line_deadline = time.monotonic() + timeout
             if reply:
                 channel.write(reply)
         if pop.closed and ended == "client quit":
