@@ -126,7 +126,7 @@ def test_digest_replayed_from_an_earlier_banner_is_refused(world):
     assert new_stamp != stamp
     assert replay.command(b"APOP alice " + captured) == FAILED
     replay.close()
-    setup.log.wait_for(r"auth-fail .*user=alice .*wrong APOP")
+    setup.log.wait_for(r"auth-fail .*user=alice .*wrong secret")
     assert upstream.connections == 1
 
 

@@ -30,6 +30,7 @@ import tempfile
 from hypothesis import assume, event, given, strategies as st
 
 from common import apop, authdb, hostmatch, netperm, spool
+from pop3gw import authority as pop3_authority
 from pop3gw import session as pop3_session
 from smapd import agent, checks
 from tests.security.fuzzing import FUZZ
@@ -238,6 +239,14 @@ pop3_pieces = st.one_of(
     st.binary(max_size=40),
     st.text(st.sampled_from("0123456789abcdef"), min_size=32, max_size=32).map(
         lambda d: b"APOP alice " + d.encode()))
+class FixedDatabase:
+    """The user table as authdb.Cache shows it, without a file (nothing to record)."""
+    path, error, users = None, None, USERS
+
+    def refresh(self):
+        return False
+
+
 pop3_line = st.tuples(pop3_pieces, st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r",
                                                     b""])).map(b"".join)
 
@@ -247,8 +256,9 @@ pop3_line = st.tuples(pop3_pieces, st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b
 def test_fuzz_pop3_session_never_authenticates_without_the_right_digest(lines, cuts):
     settings = pop3_session.Settings(server=("127.0.0.1", 110), rules=[
         hostmatch.parse_rule("permit-hosts", ["*"])], hostname="gw.example.org")
-    pop = pop3_session.Session(settings, hostmatch.Peer("192.0.2.9"), USERS, RecordingLog(),
-                               timestamp=STAMP)
+    log = RecordingLog()
+    authority = pop3_authority.Authority(FixedDatabase(), STAMP, 5, 300, log)
+    pop = pop3_session.Session(settings, hostmatch.Peer("192.0.2.9"), authority, STAMP, log)
     transcript = b"".join(lines)
     position = 0
     for cut in cuts + [len(transcript)]:
@@ -258,7 +268,8 @@ def test_fuzz_pop3_session_never_authenticates_without_the_right_digest(lines, c
         position += cut
     event("authenticated" if pop.login is not None else "not authenticated")
     if pop.login is not None:
-        assert pop.login.user == "alice" and pop.login.secret == "alicesecret"
+        assert pop.login.user == "alice" and authority.verified == "alice"
+        assert authority.sign("<1.2@server>") == apop.digest("<1.2@server>", "alicesecret")
         consumed = transcript[:len(transcript) - len(pop.rest)] if pop.rest else transcript
         # the login line, CRLF-framed, is in what the session consumed
         assert b"APOP alice " + RIGHT + b"\r\n" in consumed

@@ -22,6 +22,9 @@ the root directory.  What DESIGN §1, §5, §7 and §8 require:
 | pop3-gw session child   | nobody/nogroup       | none   | its directory |
 | pop3-gw daemon, monitor | root (by design: the root-only auth db)| / |
 
+and the pop3-gw session child's memory holds no APOP secret (only the
+monitor does).
+
 No smapd process and no process that reads a client's bytes has uid 0.
 """
 
@@ -56,6 +59,24 @@ def root_of(pid):
 
 def title_of(pid):
     return helpers.title_of(pid)
+
+
+def memory_holds(pid, needle):
+    """Whether any readable mapping of pid contains needle (/proc/PID/mem, as root)."""
+    with open("/proc/%d/maps" % pid) as maps, open("/proc/%d/mem" % pid, "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or fields[-1] in ("[vvar]", "[vsyscall]"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            if needle in data:
+                return True
+    return False
 
 
 def assert_jailed(pid, uid, gid, root, what):
@@ -96,7 +117,8 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
         daemon_client = smap.connect(smap_port)
         assert daemon_client.reply()[0] == 220
         pop_client = pop3_helpers.Client(pop_daemon.port, timeout=20)
-        assert pop_client.line().startswith(b"+OK")
+        pop_greeting = pop_client.line()
+        assert pop_greeting.startswith(b"+OK")
         helpers.spool_message(directory, "a@example.net", ["slow@example.org"],
                               b"Subject: audit\r\n\r\nbody\r\n")
         os.kill(smapd.pid, 10)              # SIGUSR1: scan now
@@ -135,6 +157,10 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
         sessions, monitors = realpeers.wait_until(pop_roles, 10, what="pop3-gw monitor and session")
         assert_jailed(sessions[0], nobody.pw_uid, nogroup, pop_setup.chroot, "pop3-gw session")
         audited["pop3-gw session"] = sessions[0]
+        # Only the root monitor holds APOP secrets: the jailed child's memory
+        # has its own banner's timestamp (the scan works) but no secret.
+        assert memory_holds(sessions[0], pop_greeting.split()[-1])
+        assert not memory_holds(sessions[0], b"alicesecret")
         for pid in (pop_daemon.proc.pid, monitors[0]):
             assert root_of(pid) == "/"
             audited[title_of(pid)[:40]] = pid
