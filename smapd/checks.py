@@ -10,6 +10,7 @@ line before the body) and no address header names a program, a file or
 an option.  `problem_of` answers with a short reason, or None.
 """
 
+import email.policy
 import email.utils
 import re
 
@@ -21,6 +22,7 @@ ADDRESS_FIELDS = frozenset((b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc
                             b"resent-from", b"resent-sender", b"resent-to",
                             b"resent-cc", b"resent-bcc", b"return-path",
                             b"disposition-notification-to", b"errors-to"))
+_STRICT_HEADER = email.policy.default.header_factory   # imported before any chroot
 SHORTEN_FIELDS = frozenset((b"from", b"sender", b"reply-to", b"cc"))
 FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
 
@@ -105,6 +107,17 @@ def address_field_problem(raw):
         local = spec.rsplit("@", 1)[0].strip().strip('"').lstrip()
         if local[:1] in ("|", "/", "-"):
             return "address %r names a program, a file or an option" % spec[:60]
+    # The strict RFC 5322 parser may read the same field differently (what
+    # one takes for a group's display name, `"-be"@x.orgFrom: a@b`, the other
+    # takes for an address): whatever reads the header later, neither
+    # reading may name a program, a file or an option.
+    try:
+        strict = [a.username for a in _STRICT_HEADER("to", text.strip()).addresses]
+    except Exception:           # noqa: BLE001 - any parser failure: the first reading stands
+        strict = []
+    for local in strict:
+        if local.lstrip()[:1] in ("|", "/", "-"):
+            return "address %r names a program, a file or an option" % local[:60]
     return None
 
 
