@@ -102,6 +102,8 @@ HOSTILE_HEADERS = {
     "bare-cr-header-injection": b"From: a@example.net\r\nSubject: x\rTo: |cmd\r\n\r\nx\r\n",
     "nul-in-header": b"From: a@example.net\r\nTo: v@example.org\0-be\r\n\r\nx\r\n",
     "folded-to-program": b"From: a@example.net\r\nTo: v@example.org,\r\n |cmd@example.org\r\n\r\nx\r\n",
+    # found by the fuzzer: a group display name to one parser, an address to the other
+    "parser-differential": b'From: a@example.net\r\nTo: "-be"@x.orgFrom: a@example.org\r\n\r\nx\r\n',
 }
 
 
