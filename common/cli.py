@@ -1,10 +1,11 @@
 """Command-line options shared by the programs (DESIGN §3).
 
 getopt rather than argparse: smap parses its command line once per
-connection under inetd, and start-up cost matters there.
+connection under inetd, and start-up cost matters there.  For the same
+reason the command line inetd gives smap (nothing, or just `-c TABLE`) is
+read without importing getopt (which imports gettext, locale and re).
 """
 
-import getopt
 import sys
 
 from common import __version__, netperm
@@ -31,10 +32,13 @@ class UsageError(Exception):
 def parse(argv, usage, short="", long=(), with_daemon=False):
     """Options from argv; prints usage/version and exits for -h/--version."""
     longs = COMMON_LONG + list(long) + (["daemon="] if with_daemon else [])
-    try:
-        pairs, rest = getopt.getopt(argv, COMMON_SHORT + short, longs)
-    except getopt.GetoptError as err:
-        raise UsageError(str(err)) from None
+    pairs, rest = _config_only(argv), []
+    if pairs is None:
+        import getopt
+        try:
+            pairs, rest = getopt.getopt(argv, COMMON_SHORT + short, longs)
+        except getopt.GetoptError as err:
+            raise UsageError(str(err)) from None
     options = Options()
     for flag, value in pairs:
         if flag in ("-c", "--config"):
@@ -55,6 +59,21 @@ def parse(argv, usage, short="", long=(), with_daemon=False):
             options.flags.add(flag)
     options.args = rest
     return options
+
+
+def _config_only(argv):
+    """The (flag, value) pairs getopt would give when argv is empty or only
+    names the table (`-c T`, `-cT`, `--config T`, `--config=T`); else None."""
+    if not argv:
+        return []
+    if len(argv) == 2 and argv[0] in ("-c", "--config"):
+        return [(argv[0], argv[1])]
+    if len(argv) == 1 and argv[0].startswith("--config="):
+        return [("--config", argv[0][len("--config="):])]
+    if len(argv) == 1 and argv[0].startswith("-c") and len(argv[0]) > 2 \
+            and not argv[0].startswith("--"):
+        return [("-c", argv[0][2:])]
+    return None
 
 
 def parse_listen(text, default_port):

@@ -9,9 +9,12 @@ the pattern `*` matches it.  This module does no I/O except in
 `confirmed_name`, which asks the resolver.
 """
 
-import fnmatch
-import ipaddress
-import socket
+import _socket
+import sys
+
+# ipaddress and fnmatch are imported where a pattern needs them: smap under
+# inetd starts a fresh interpreter per connection, and a table without host
+# rules (the default for smap) should not pay for them.
 
 
 class Peer:
@@ -39,13 +42,62 @@ class Peer:
 def normalize_address(text):
     """Canonical text of an IP address; IPv4-mapped IPv6 becomes IPv4."""
     text = text.split("%", 1)[0]
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
+    if _plain_ipv4(text):
+        return text
+    if ":" not in text:
         return None
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return str(ip)
+    try:
+        packed = _socket.inet_pton(_socket.AF_INET6, text)
+    except (OSError, ValueError):
+        return None
+    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+        return "%d.%d.%d.%d" % tuple(packed[12:])
+    return _ipv6_text(packed)
+
+
+def _ipv6_text(packed):
+    """RFC 5952 text of 16 octets, exactly as ipaddress writes it: hextets
+    without leading zeros, the first longest run of two or more zero
+    hextets written as `::`."""
+    hextets = ["%x" % (packed[i] << 8 | packed[i + 1]) for i in range(0, 16, 2)]
+    best_start, best_len, start, length = -1, 0, -1, 0
+    for index, hextet in enumerate(hextets):
+        if hextet == "0":
+            length += 1
+            if start == -1:
+                start = index
+            if length > best_len:
+                best_start, best_len = start, length
+        else:
+            start, length = -1, 0
+    if best_len > 1:
+        end = best_start + best_len
+        if end == len(hextets):
+            hextets += [""]
+        hextets[best_start:end] = [""]
+        if best_start == 0:
+            hextets = [""] + hextets
+    return ":".join(hextets)
+
+
+def _plain_ipv4(text):
+    """True for canonical dotted-quad text (what getpeername gives), which
+    ipaddress would return unchanged."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return False
+    for part in parts:
+        if not part.isdigit() or not part.isascii() or len(part) > 3 \
+                or (len(part) > 1 and part[0] == "0") or int(part) > 255:
+            return False
+    return True
+
+
+def _resolver():
+    """`socket` when something already imported it (its gethostbyaddr is
+    _socket's, its getaddrinfo a thin wrapper), else _socket: importing
+    `socket` only for these two calls costs smap milliseconds per start."""
+    return sys.modules.get("socket") or _socket
 
 
 def confirmed_name(addr):
@@ -53,11 +105,14 @@ def confirmed_name(addr):
     if not addr:
         return None, False
     try:
-        name = socket.gethostbyaddr(addr)[0]
+        # bytes, not str: a str host makes _socket import encodings.idna
+        # (and re, stringprep, unicodedata), several ms per connection
+        name = _resolver().gethostbyaddr(addr.encode("ascii"))[0]
     except (OSError, UnicodeError):
         return None, False
     try:
-        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+        infos = _resolver().getaddrinfo(name.encode("ascii"), None,
+                                        proto=_socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return None, True
     if any(normalize_address(info[4][0]) == addr for info in infos):
@@ -68,13 +123,32 @@ def confirmed_name(addr):
 def peer_of_socket(sock):
     """The Peer behind a connected socket, with a forward-confirmed name."""
     try:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        if sock.family not in (_socket.AF_INET, _socket.AF_INET6):
             return Peer()
         addr = normalize_address(sock.getpeername()[0])
     except OSError:
         return Peer()
     name, spoofed = confirmed_name(addr)
     return Peer(addr, name, spoofed)
+
+
+def _ipaddress():
+    """ipaddress, imported by the first pattern that needs it (at parse time,
+    before any chroot; afterwards this is a sys.modules lookup)."""
+    import ipaddress
+    return ipaddress
+
+
+_fnmatchcase = None
+
+
+def _globs():
+    """fnmatchcase, imported by the first glob parsed (before any chroot)."""
+    global _fnmatchcase
+    if _fnmatchcase is None:
+        from fnmatch import fnmatchcase
+        _fnmatchcase = fnmatchcase
+    return _fnmatchcase
 
 
 class PatternError(ValueError):
@@ -96,7 +170,7 @@ class Pattern:
         self.glob = None
         if "/" in body:
             try:
-                self.network = ipaddress.ip_network(body, strict=False)
+                self.network = _ipaddress().ip_network(body, strict=False)
             except ValueError:
                 raise PatternError("bad CIDR pattern %r" % body) from None
         elif body.count(":") == 1 and _is_ipv4(body.split(":")[0]):
@@ -104,15 +178,17 @@ class Pattern:
             if not _is_ipv4(mask):
                 raise PatternError("bad ADDR:MASK pattern %r" % body)
             try:
-                self.network = ipaddress.ip_network("%s/%s" % (address, mask), strict=False)
+                self.network = _ipaddress().ip_network("%s/%s" % (address, mask), strict=False)
             except ValueError:
                 raise PatternError("bad mask in %r" % body) from None
         elif normalize_address(body):
-            self.network = ipaddress.ip_network(normalize_address(body))
+            self.network = _ipaddress().ip_network(normalize_address(body))
         else:
             if any(c.isspace() or ord(c) < 32 for c in body):
                 raise PatternError("bad host pattern %r" % body)
             self.glob = body.lower()
+            if self.glob != "*":
+                _globs()        # now, before any chroot: hits() needs it
         # A glob made of address characters (`10.1.*`, `fe80::*`) is meant
         # for addresses: matching it against names too would let anyone who
         # controls the reverse and forward DNS of their own addresses pick a
@@ -128,22 +204,22 @@ class Pattern:
             # No address: a peer that is not an IP socket (name None too), or
             # a -dest given by name, which only a name glob can match.
             return (name is not None and self.glob is not None and not self.address_only
-                    and fnmatch.fnmatchcase(name, self.glob))
+                    and _globs()(name, self.glob))
         if self.network is not None:
             try:
-                return ipaddress.ip_address(addr) in self.network
+                return _ipaddress().ip_address(addr) in self.network
             except ValueError:
                 return False
-        if fnmatch.fnmatchcase(addr, self.glob):
+        if _globs()(addr, self.glob):
             return True
         if self.address_only:
             return False
-        return name is not None and fnmatch.fnmatchcase(name, self.glob)
+        return name is not None and _globs()(name, self.glob)
 
 
 def _is_ipv4(text):
     try:
-        return ipaddress.ip_address(text).version == 4
+        return _ipaddress().ip_address(text).version == 4
     except ValueError:
         return False
 
@@ -161,7 +237,7 @@ def words_match(words, value):
     for word in words:
         negated = word.startswith("!")
         body = word[1:] if negated else word
-        if fnmatch.fnmatchcase(value, body):
+        if _globs()(value, body):
             return not negated
     return bool(words) and all(w.startswith("!") for w in words)
 
@@ -212,6 +288,8 @@ def parse_rule(attribute, args, line=0, options=("-dest", "-user")):
                 current = users
             continue
         current.append(word if current is users else Pattern(word))
+    if users:
+        _globs()                # words_match() runs later, maybe in a chroot
     if not sources:
         raise PatternError("%s needs at least one host pattern" % attribute)
     if dests == [] or users == []:

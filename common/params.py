@@ -6,9 +6,38 @@ declarations; the man pages and conf/netperm-table are tested against them, so
 none of the three can drift from the others.  Nothing here reads a file.
 """
 
-from collections import namedtuple
 
-Param = namedtuple("Param", "name programs kind default low high doc")
+
+class Param:
+    """One declaration: name programs kind default low high doc.
+
+    It behaves like the namedtuple it was (fields, iteration, equality,
+    _replace) without importing `collections`, which smap would otherwise pay
+    for at every start under inetd."""
+
+    __slots__ = ("name", "programs", "kind", "default", "low", "high", "doc")
+    _fields = __slots__
+
+    def __init__(self, name, programs, kind, default, low, high, doc):
+        self.name, self.programs, self.kind = name, programs, kind
+        self.default, self.low, self.high, self.doc = default, low, high, doc
+
+    def __iter__(self):
+        return iter(tuple(getattr(self, field) for field in self._fields))
+
+    def __eq__(self, other):
+        return isinstance(other, Param) and tuple(self) == tuple(other)
+
+    def __hash__(self):
+        return hash(tuple(self))
+
+    def __repr__(self):
+        return "Param(%s)" % ", ".join("%s=%r" % (f, getattr(self, f)) for f in self._fields)
+
+    def _replace(self, **changes):
+        values = {field: getattr(self, field) for field in self._fields}
+        values.update(changes)
+        return Param(**values)
 
 SMAP, SMAPD, POP3GW, AUTHMGR = "smap", "smapd", "pop3-gw", "authmgr"
 ALL = (SMAP, SMAPD, POP3GW, AUTHMGR)

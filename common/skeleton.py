@@ -9,12 +9,15 @@ SIGHUP (the program's reload hook).  The skeleton trusts its caller's
 handler to drop privileges; it never does work for a client itself.
 """
 
+import _socket
 import errno
 import os
 import select
-import signal
-import socket
 import sys
+
+# `signal` and `socket` (both build enums at import) are imported only by
+# the --daemon code below: smap under inetd starts a fresh interpreter for
+# every connection and does not need them.
 
 _title = None
 
@@ -23,13 +26,44 @@ def set_title(text):
     """setproctitle when available (it is a dependency; tests may lack it)."""
     global _title
     if _title is None:
-        try:
-            from setproctitle import setproctitle as _title_func
-        except ImportError:  # pragma: no cover - the package is installed
-            _title_func = False
-        _title = _title_func
+        _title = _title_function()
     if _title:
         _title(text)
+
+
+def _title_function():
+    """setproctitle's C function.  Its package __init__ (1.3.x) imports
+    `logging` only to report a missing C module, about 9 ms at every smap
+    start under inetd, so the extension is loaded by itself when it is where
+    that package keeps it; otherwise (an older single-module setproctitle,
+    say) by a plain import.  False when there is none."""
+    if "setproctitle" not in sys.modules:
+        try:
+            # importlib.machinery re-exports these from the import system's
+            # own modules, which are always loaded; importing the package
+            # `importlib` (and `warnings`) for them would cost 0.4 ms
+            from _frozen_importlib import ModuleSpec
+            from _frozen_importlib_external import EXTENSION_SUFFIXES, ExtensionFileLoader
+        except ImportError:  # pragma: no cover - another Python implementation
+            from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, ModuleSpec
+        for entry in sys.path:
+            for suffix in EXTENSION_SUFFIXES:
+                path = os.path.join(entry or ".", "setproctitle", "_setproctitle" + suffix)
+                if not os.path.isfile(path):
+                    continue
+                try:
+                    loader = ExtensionFileLoader("setproctitle._setproctitle", path)
+                    spec = ModuleSpec(loader.name, loader, origin=path)
+                    module = loader.create_module(spec)
+                    loader.exec_module(module)
+                    return module.setproctitle
+                except (ImportError, AttributeError, OSError):
+                    break
+    try:
+        from setproctitle import setproctitle
+    except ImportError:  # pragma: no cover - the package is installed
+        return False
+    return setproctitle
 
 
 def silence_stderr():
@@ -45,13 +79,14 @@ def peer_of_fd(fd=0):
     """A socket object on a dup of fd when fd is a socket, else None."""
     duplicate = os.dup(fd)
     try:
-        return socket.socket(fileno=duplicate)
+        return _socket.socket(fileno=duplicate)
     except OSError:
         os.close(duplicate)     # a pipe (swaks --pipe): do not leak the dup
         return None
 
 
 def listen(host, port, backlog=128):
+    import socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -94,6 +129,7 @@ class Daemon:
             self.children.discard(pid)
 
     def run(self):
+        import signal
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -151,6 +187,7 @@ class Daemon:
             conn.close()
             return
         # The child: exactly the inetd-mode path from here on.
+        import signal
         status = 1
         try:
             signal.set_wakeup_fd(-1)
