@@ -144,6 +144,7 @@ def refuse_inetd(reason):
 
 
 def main(argv=None):
+    argv_given = argv is not None
     argv = sys.argv[1:] if argv is None else argv
     inetd = "--daemon" not in argv and not any(a.startswith("--daemon=") for a in argv) \
         and not {"-n", "--check", "-h", "--help", "--version"} & set(argv)
@@ -166,11 +167,18 @@ def main(argv=None):
     logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
     if options.daemon is None:
         try:
-            return connection(config, logger)
+            status = connection(config, logger)
         except Exception as err:    # anything unforeseen: log it, the client sees SMTP
             logger.error("abort", reason="%s: %s" % (type(err).__name__, err))
             write_quietly(1, SERVICE_UNAVAILABLE % default_hostname().encode())
-            return 1
+            status = 1
+        if argv_given:
+            return status
+        # Run as a program under inetd: every reply went out with os.write
+        # and every log line as its own datagram, so nothing is left to
+        # flush; skipping the interpreter's tear-down saves about 1.5 ms of
+        # every connection.  (Callers that pass argv get a return instead.)
+        os._exit(status)
     default_hostname()          # once, not in every child
     host, port = cli.parse_listen(options.daemon, 25)
     listener = skeleton.listen(host, port)
