@@ -76,6 +76,20 @@ class LineSplitter:
                 return TOO_LONG, line[:self.limit]
             return LINE, line
 
+    def complete_lines(self):
+        """(start, end): the buffered bytes buf[start:end] that form complete
+        lines (end just after the last CRLF); end == start when there is
+        none.  Nothing is consumed and nothing is checked: see consume()."""
+        end = self.buffer.rfind(b"\r\n", self.start)
+        return self.start, (end + 2 if end >= 0 else self.start)
+
+    def consume(self, upto):
+        """Hand out everything before index `upto` (a line boundary found
+        with complete_lines) without splitting it into lines."""
+        if not self.start <= upto <= len(self.buffer):
+            raise ValueError("consume() beyond the buffer")
+        self._consume(upto)
+
     def take_rest(self):
         rest = bytes(self.buffer[self.start:])
         del self.buffer[:]

@@ -106,6 +106,8 @@ class Session:
         self.splitter.feed(data)
         replies = []
         while self.state != CLOSED:
+            if self.state == DATA and not self.splitter.skipping:
+                self.data_block()
             item = self.splitter.next()
             if item is None:
                 break
@@ -317,6 +319,42 @@ class Session:
                           "unimplemented command")
 
     # -- message text -----------------------------------------------------
+    def data_block(self):
+        """DATA's fast path: the complete lines now buffered, up to (not
+        including) the end-of-data line, checked and written at once.  It
+        consumes nothing when anything is unusual (a bare CR or LF, a NUL, an
+        over-long line): data_line() then takes those lines one by one and
+        gives the exact answer.  What it writes is what data_line() would
+        write line by line: each line without its first `.`, if any."""
+        splitter = self.splitter
+        buffer = splitter.buffer
+        start, end = splitter.complete_lines()
+        if end == start or buffer.startswith(b".\r\n", start):
+            return
+        final = buffer.find(b"\r\n.\r\n", start, end)
+        if final >= 0:
+            end = final + 2
+        block = bytes(buffer[start:end])
+        lines = block.count(b"\r\n")
+        if block.count(b"\r") != lines or block.count(b"\n") != lines or b"\0" in block:
+            return
+        if max(map(len, block.split(b"\r\n"))) + 2 > splitter.limit:
+            return
+        splitter.consume(end)
+        data = block.replace(b"\r\n.", b"\r\n")
+        if data.startswith(b"."):
+            data = data[1:]
+        self.size += len(data)
+        if self.size > self.policy.maxbytes:
+            self.data_error = self.data_error or (
+                b"552 5.3.4 Error: message size exceeds fixed limit\r\n",
+                "message over maxbytes")
+        if self.data_error is None:
+            try:
+                self.writer.write(data)
+            except OSError as err:
+                self.data_error = (storage_reply(err), "spool write: %s" % err.strerror)
+
     def data_line(self, kind, line):
         if kind == lineio.TOO_LONG:
             self.data_error = self.data_error or (
