@@ -1,10 +1,12 @@
 """smap under the launchers that start it in production: the real Debian
 xinetd with the entry shipped in conf/xinetd.d/smap (only port, bind and
-paths adapted), and ucspi-tcp's tcpserver as a second launcher.
+paths adapted), and ucspi-tcp's tcpserver as a second launcher, with the
+options of the shipped run script conf/tcpserver/smap.run.
 """
 
 import os
 import re
+import shlex
 import smtplib
 from pathlib import Path
 
@@ -18,6 +20,15 @@ from tests.integration.smap_helpers import (contents, make_spool, proc_status, s
 pytestmark = pytest.mark.integration
 SHIPPED = Path(__file__).resolve().parents[2] / "conf" / "xinetd.d" / "smap"
 INETD_CONF = Path(__file__).resolve().parents[2] / "conf" / "inetd.conf"
+TCPSERVER_RUN = Path(__file__).resolve().parents[2] / "conf" / "tcpserver" / "smap.run"
+
+
+def shipped_tcpserver_argv():
+    """The argv of the shipped run script's `exec tcpserver ...` line."""
+    lines = [l for l in TCPSERVER_RUN.read_text().splitlines()
+             if l.startswith("exec tcpserver ")]
+    assert len(lines) == 1
+    return shlex.split(lines[0])[1:]
 
 
 def adapt_xinetd_entry(text, port, program, table):
@@ -78,12 +89,21 @@ def test_smap_under_real_xinetd_with_the_shipped_entry(tmp_path):
     assert message.endswith(b"Subject: xinetd\r\n\r\nthrough xinetd\r\n")
 
 
+def test_shipped_tcpserver_run_script_runs_smap_per_connection():
+    argv = shipped_tcpserver_argv()
+    assert argv[:7] == ["tcpserver", "-R", "-H", "-l", "0", "-c", "200"]
+    assert argv[7:] == ["0", "25", "/usr/local/sbin/smap", "-c", "/etc/mailwall/netperm-table"]
+    assert os.access(TCPSERVER_RUN, os.X_OK)
+
+
 def test_smap_under_tcpserver(tmp_path):
     realpeers.require("tcpserver")
     realpeers.require_root()
     spool_dir = make_spool(tmp_path / "spool")
     table = write_table(tmp_path / "table", spool_dir)
-    with realpeers.Tcpserver(tmp_path / "tcpserver", [smap_program(), "-c", table]) as server:
+    limit = int(shipped_tcpserver_argv()[6])
+    with realpeers.Tcpserver(tmp_path / "tcpserver", [smap_program(), "-c", table],
+                             limit=limit) as server:
         with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as smtp:
             assert smtp.ehlo("client.example.net")[0] == 250
             refused = smtp.sendmail("a@example.net", ["user@example.org"],
