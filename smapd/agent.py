@@ -18,6 +18,7 @@ to the `mailhub` by SMTP when it is set.  Outcomes per recipient are
 `ok`, `temp` or `perm`; the scanner decides what to do with them.
 """
 
+import collections
 import errno
 import json
 import os
@@ -322,9 +323,18 @@ class Agent:
         # that has reported may not have been reaped yet, so the agent's own
         # bound, a guard against a misbehaving scanner, leaves room for those.
         self.maxchildren = 2 * config.get("maxchildren")
+        # A request that arrives while that bound is reached (workers that have
+        # reported but not yet exited, on a loaded machine) waits here for a
+        # worker to be reaped instead of being answered "agent busy": such an
+        # answer is a temporary failure, and the scanner would defer a perfectly
+        # deliverable message by `retry` (and `--once` would leave it behind).
+        # Only more requests than a correct scanner ever has in flight are
+        # refused as busy.
+        self.maxwaiting = config.get("maxchildren")
         self.log = log
         self.helo = helo
         self.children = {}          # pid -> queue id
+        self.waiting = collections.deque()     # (request, fd) for a free slot
 
     def run(self):
         """Serve until the scanner closes its end, then let the workers finish."""
@@ -341,6 +351,8 @@ class Agent:
         open_channel = True
         while True:
             self.reap()
+            while self.waiting and len(self.children) < self.maxchildren:
+                self.start(*self.waiting.popleft())
             if not open_channel and not self.children:
                 break
             watched = [wake_read] + ([self.channel] if open_channel else [])
@@ -356,6 +368,8 @@ class Agent:
                     pass
             if open_channel and self.channel in ready:
                 open_channel = self.receive()
+                if not open_channel:
+                    self.drop_waiting()
         self.log.info("agent-stop")
         return 0
 
@@ -381,10 +395,18 @@ class Agent:
             return True
         fd = fds[0]
         if len(self.children) >= self.maxchildren:
+            if len(self.waiting) < self.maxwaiting:
+                self.waiting.append((request, fd))
+                return True
             os.close(fd)
             self.report(request["id"], [(r, "temp", "agent busy")
                                         for r in request["hub"] + request["mta"]])
             return True
+        self.start(request, fd)
+        return True
+
+    def start(self, request, fd):
+        """Fork the worker for one checked request; the worker owns fd from now on."""
         pid = os.fork()
         if pid == 0:
             status = 1
@@ -394,7 +416,14 @@ class Agent:
                 os._exit(status)
         os.close(fd)
         self.children[pid] = request
-        return True
+
+    def drop_waiting(self):
+        """The scanner has gone: nobody would record these outcomes, so the
+        waiting requests are not delivered (their files stay queued)."""
+        while self.waiting:
+            request, fd = self.waiting.popleft()
+            os.close(fd)
+            self.log.notice("agent-drop", id=request["id"], reason="the scanner went away")
 
     def refuse(self, data, reason):
         """Answer a refused request so that the scanner does not wait for it."""
