@@ -411,6 +411,8 @@ class Agent:
         if pid == 0:
             status = 1
             try:
+                for _, other in self.waiting:   # other claims are not this worker's to hold
+                    os.close(other)
                 status = self.work(request, fd)
             finally:
                 os._exit(status)
