@@ -6,8 +6,10 @@
    queue/ tmp/ state/ bad/ mode 0700 (owned by uucp when installed by
    root) and /var/empty; a second install never overwrites the table.
 2. An install into a private PREFIX (every path inside the test's
-   directory): the installed wrappers run with the system interpreter and
-   check the installed table, and the installed systemd units pass
+   directory): the installed wrappers run with the system interpreter
+   (`-IS`, an explicit sys.path that finds Debian's python3-daemon and
+   python3-setproctitle), check the installed table, the installed smap
+   answers an SMTP session on a socketpair, and the installed systemd units pass
    `systemd-analyze verify` (skipped where it is missing).
 
 Real tools only: make, install, the system python3, systemd-analyze.
@@ -16,6 +18,7 @@ Real tools only: make, install, the system python3, systemd-analyze.
 import os
 import shutil
 import pwd
+import socket
 import stat
 import subprocess
 import tempfile
@@ -50,8 +53,12 @@ def test_install_into_destdir(tmp_path):
         wrapper = prefix / "sbin" / name
         assert mode(wrapper) == 0o755, name
         text = wrapper.read_text()
-        assert text.startswith("#!/usr/bin/python3 -I\n")
-        assert 'sys.path.insert(0, "/usr/local/lib/mailwall")' in text   # no DESTDIR inside
+        # -IS: isolated and without `site` (the inetd start-up target), so
+        # sys.path is explicit: the library first, Debian's dist-packages last
+        assert text.startswith("#!/usr/bin/python3 -IS\n")
+        lines = text.splitlines()
+        first = lines.index('sys.path.insert(0, "/usr/local/lib/mailwall")')  # no DESTDIR inside
+        assert lines.index('sys.path.append("/usr/lib/python3/dist-packages")') > first
         assert str(dest) not in text
     for package in ("common", "smap", "smapd", "pop3gw"):
         assert (prefix / "lib/mailwall" / package / "__init__.py").is_file()
@@ -97,6 +104,52 @@ def test_installed_programs_run_and_units_verify(tmp_path):
         check = subprocess.run([str(program), "-c", str(table), "-n"], capture_output=True,
                                text=True, timeout=60, env=env)
         assert check.returncode == 0, check.stdout + check.stderr
+    # the wrappers run the system python3 with -IS, and their explicit
+    # sys.path finds Debian's python3-daemon and python3-setproctitle
+    smap_wrapper = top / "usr/sbin/smap"
+    assert smap_wrapper.read_text().startswith("#!/usr/bin/python3 -IS\n")
+    prelude = smap_wrapper.read_text().split("from smap.main")[0]
+    probe = prelude + ("print(sys.flags.isolated, sys.flags.no_site)\n"
+                       "import smap.main\nprint(smap.main.__file__)\n")
+    ran = subprocess.run(["/usr/bin/python3", "-IS", "-c", probe], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["1", "1", str(top / "usr/lib/mailwall/smap/main.py")]
+    have = subprocess.run(["/usr/bin/python3", "-c", "import daemon, setproctitle"],
+                          capture_output=True, timeout=60, env=env)
+    if have.returncode == 0:
+        found = subprocess.run(["/usr/bin/python3", "-IS", "-c",
+                                prelude + "import daemon, setproctitle\n"],
+                               capture_output=True, text=True, timeout=60, env=env)
+        assert found.returncode == 0, found.stderr
+    # the installed smap answers a session on a socketpair, as inetd starts it
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([str(smap_wrapper), "-c", str(table)], stdin=theirs,
+                            stdout=theirs, stderr=subprocess.PIPE, env=env, close_fds=True)
+    theirs.close()
+    try:
+        ours.settimeout(60)
+        session = ours.makefile("rwb")
+        assert session.readline().startswith(b"220 ")
+        session.write(b"EHLO client.example.net\r\n")
+        session.flush()
+        replies = [session.readline()]
+        while replies[-1][3:4] == b"-":
+            replies.append(session.readline())
+        assert all(line.startswith(b"250") for line in replies), replies
+        session.write(b"QUIT\r\n")
+        session.flush()
+        assert session.readline().startswith(b"221 ")
+        assert session.readline() == b""
+        session.close()
+        assert proc.wait(60) == 0, proc.stderr.read()
+    finally:
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
     # -n really checks: a broken table is refused by the installed smap
     broken = tmp_path / "broken-table"
     broken.write_text("smap: timeout soon\n")
