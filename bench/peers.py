@@ -159,31 +159,34 @@ class Env:
     def launcher(self, kind):
         """A start-up script for smap, like the ones inetd would run:
 
-        install  exactly what `make install` writes to SBINDIR (#!PYTHON -I,
-                 the library directory first on sys.path), with the venv's
-                 interpreter and the checkout as the library directory;
-        nosite   the same with -IS (one word: a shebang passes one argument)
-                 and an explicit sys.path: the checkout, then the venv's
-                 site-packages (for setproctitle);
+        install  exactly what `make install` writes to SBINDIR (#!PYTHON -IS,
+                 one word: a shebang passes one argument; the library
+                 directory first on sys.path, the packages' directory
+                 appended), with the venv's interpreter, the checkout as the
+                 library directory and the venv's site-packages standing in
+                 for Debian's dist-packages (setproctitle);
+        site     the wrapper `make install` wrote before (#!PYTHON -I, the
+                 library directory first, `site` finds the rest), kept as
+                 the comparison for the -IS change;
         venv     .venv/bin/smap, the console script of the editable install.
         """
         if kind == "venv":
             return str(VENV_BIN / "smap")
         path = self.dir("launchers") / ("smap-" + kind)
         python = str(VENV_BIN / "python")
-        if kind == "install":
+        if kind == "site":
             text = ("#!%s -I\nimport sys\nsys.path.insert(0, %r)\n"
                     "from smap.main import main\nsys.exit(main())\n" % (python, str(ROOT)))
         else:
             site = "%s/lib/python%d.%d/site-packages" % (VENV_BIN.parent, *__import__("sys")
                                                          .version_info[:2])
-            text = ("#!%s -IS\nimport sys\nsys.path[:0] = [%r, %r]\n"
+            text = ("#!%s -IS\nimport sys\nsys.path.insert(0, %r)\nsys.path.append(%r)\n"
                     "from smap.main import main\nsys.exit(main())\n" % (python, str(ROOT), site))
         path.write_text(text)
         os.chmod(path, 0o755)
         return str(path)
 
-    LAUNCHERS = ("install", "nosite", "venv")
+    LAUNCHERS = ("install", "site", "venv")
 
     def _start_xinetd(self):
         """One xinetd: smap through each launcher, and the bare interpreter."""

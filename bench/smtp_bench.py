@@ -162,8 +162,8 @@ def spawn_on_socketpair_ms(argv, connections, session):
     return (time.monotonic() - started) * 1000.0 / connections
 
 
-LAUNCHER_LABELS = {"install": "smap (make install launcher, -I)",
-                   "nosite": "smap (launcher -IS, explicit sys.path)",
+LAUNCHER_LABELS = {"install": "smap (make install launcher, -IS, explicit sys.path)",
+                   "site": "smap (previous make install launcher, -I)",
                    "venv": "smap (.venv/bin/smap, editable console script)"}
 
 

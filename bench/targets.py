@@ -54,7 +54,7 @@ TARGETS = [
                               1.0, True)),
     ("smap under inetd: per-connection cost ≤ 1.5× the bare interpreter",
      lambda ms: _ratio_target(ms, "smap per connection", "under xinetd",
-                              "smap (make install launcher, -I)",
+                              "smap (make install launcher, -IS, explicit sys.path)",
                               "python -I -S -c pass", 1.5, False)),
     ("smap ≤ 15 MiB resident per connection (under xinetd)",
      lambda ms: _value_target(ms, "memory", "resident (VmRSS) of one smap",
