@@ -11,6 +11,7 @@ then skipped up to its CRLF, so a client cannot make the buffer grow.
 import errno
 import os
 import select
+import time
 
 LINE, TOO_LONG, BARE = "line", "too-long", "bare"
 READ_SIZE = 65536
@@ -116,6 +117,46 @@ class Closed(Exception):
     pass
 
 
+class LineDeadline:
+    """`timeout` bounds a whole line, not each read: a client dripping one
+    byte at a time must not hold a session forever.  The clock restarts
+    whenever a line is completed (the splitter's pending bytes shrink) and
+    stops when nothing is pending.
+
+        deadline = LineDeadline(timeout, session.splitter)
+        data = deadline.read(channel)     # Timeout when the line is overdue
+        reply = session.feed(data)
+        deadline.fed()
+    """
+
+    def __init__(self, timeout, splitter, clock=time.monotonic):
+        self.timeout, self.splitter, self.clock = timeout, splitter, clock
+        self.deadline = None
+        self.before = 0
+
+    def remaining(self):
+        """Seconds the next read may wait; raises Timeout when none are left."""
+        if self.deadline is None:
+            return self.timeout
+        wait = self.deadline - self.clock()
+        if wait <= 0:
+            raise Timeout()
+        return wait
+
+    def read(self, channel):
+        data = channel.read(self.remaining())
+        self.before = self.splitter.pending() + len(data)
+        return data
+
+    def fed(self):
+        """After the data of read() went into the splitter."""
+        after = self.splitter.pending()
+        if after == 0:
+            self.deadline = None
+        elif after < self.before or self.deadline is None:
+            self.deadline = self.clock() + self.timeout
+
+
 class Channel:
     """A client connection on two descriptors (they are the same socket under inetd)."""
 
@@ -161,14 +202,31 @@ class Channel:
             dropped += len(data)
 
     def write(self, data, timeout=60):
+        """Write all of data; raises Closed if the client takes nothing for
+        `timeout` seconds (a client that never reads must not hold a process).
+        The descriptor is non-blocking while we write: a blocking write of
+        more than the socket buffer holds would wait for the client forever."""
         view = memoryview(data)
-        while view:
-            try:
-                sent = os.write(self.write_fd, view)
-            except BlockingIOError:
-                select.select([], [self.write_fd], [], timeout)
-                continue
-            except OSError:
-                raise Closed() from None
-            self.bytes_out += sent
-            view = view[sent:]
+        writable = select.poll()
+        writable.register(self.write_fd, select.POLLOUT)
+        was_blocking = os.get_blocking(self.write_fd)
+        if was_blocking:
+            os.set_blocking(self.write_fd, False)
+        try:
+            while view:
+                if not writable.poll(int(timeout * 1000)):
+                    raise Closed()
+                try:
+                    sent = os.write(self.write_fd, view)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    raise Closed() from None
+                self.bytes_out += sent
+                view = view[sent:]
+        finally:
+            if was_blocking:
+                try:
+                    os.set_blocking(self.write_fd, True)
+                except OSError:
+                    pass

@@ -132,3 +132,81 @@ def test_channel_on_two_pipes_like_swaks_pipe():
         for fd in (in_read, in_write, out_read, out_write):
             if fd is not None:
                 os.close(fd)
+
+
+def test_write_gives_up_on_a_client_that_never_reads():
+    import socket
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        channel = lineio.Channel(ours.fileno(), ours.fileno())
+        with pytest.raises(lineio.Closed):
+            channel.write(b"x" * (4 << 20), timeout=0.2)
+        assert 0 < channel.bytes_out < 4 << 20       # it wrote what fitted, then stopped
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_write_delivers_everything_to_a_reader():
+    import socket
+    ours, theirs = socket.socketpair()
+    try:
+        channel = lineio.Channel(ours.fileno(), ours.fileno())
+        channel.write(b"250 2.0.0 Ok\r\n", timeout=1)
+        assert theirs.recv(100) == b"250 2.0.0 Ok\r\n"
+        assert channel.bytes_out == 14
+    finally:
+        ours.close()
+        theirs.close()
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Feed:
+    """A channel that hands out the given chunks, one per read."""
+
+    def __init__(self, *chunks):
+        self.chunks = list(chunks)
+        self.waits = []
+
+    def read(self, timeout):
+        self.waits.append(timeout)
+        return self.chunks.pop(0)
+
+
+def test_line_deadline_bounds_a_whole_line_not_each_read():
+    clock, splitter = _Clock(), lineio.LineSplitter(100)
+    deadline = lineio.LineDeadline(10, splitter, clock)
+    channel = _Feed(b"NO", b"O", b"P\r\nQU", b"IT\r\n")
+    splitter.feed(deadline.read(channel))
+    deadline.fed()
+    assert channel.waits == [10]                  # nothing pending: a full timeout
+    clock.now += 4
+    splitter.feed(deadline.read(channel))         # the same line, still incomplete
+    deadline.fed()
+    assert channel.waits[-1] == 6
+    clock.now += 3
+    splitter.feed(deadline.read(channel))         # NOOP completed, QU pending
+    assert splitter.next() == (lineio.LINE, b"NOOP\r\n")
+    deadline.fed()
+    assert deadline.remaining() == 10             # a new line: a new deadline
+    clock.now += 10
+    with pytest.raises(lineio.Timeout):
+        deadline.read(channel)
+
+
+def test_line_deadline_stops_when_nothing_is_pending():
+    clock, splitter = _Clock(), lineio.LineSplitter(100)
+    deadline = lineio.LineDeadline(5, splitter, clock)
+    splitter.feed(deadline.read(_Feed(b"QUIT\r\n")))
+    splitter.next()
+    deadline.fed()
+    clock.now += 1000
+    assert deadline.remaining() == 5
