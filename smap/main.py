@@ -95,28 +95,19 @@ def connection(config, logger):
             channel.write(smtp.pregreet())
         else:
             channel.write(smtp.greeting())
-        # `timeout` bounds a whole command or DATA line, not each read: a
-        # client dripping one byte at a time must not hold a session forever.
-        line_deadline = None
+        # `timeout` bounds a whole command or DATA line, not each read.
+        deadline = lineio.LineDeadline(timeout, smtp.splitter)
         while not smtp.closed:
             try:
-                wait = timeout if line_deadline is None else line_deadline - time.monotonic()
-                if wait <= 0:
-                    raise lineio.Timeout()
-                data = channel.read(wait)
+                data = deadline.read(channel)
             except lineio.Timeout:
                 channel.write(smtp.timeout())
                 break
             except lineio.Closed:
                 smtp.eof()
                 break
-            before = smtp.splitter.pending() + len(data)
             reply = smtp.feed(data)
-            after = smtp.splitter.pending()
-            if after == 0:
-                line_deadline = None
-            elif after < before or line_deadline is None:
-                line_deadline = time.monotonic() + timeout
+            deadline.fed()
             if reply:
                 channel.write(reply)
     except lineio.Closed:
