@@ -39,9 +39,14 @@ class Authority:
         self.clock = clock
         self.verified = None
         self.signatures = 0
+        self.deferred = None
 
-    def verify(self, name, offered):
-        """("ok", "") or ("refused", reason for the log)."""
+    def verify(self, name, offered, defer=False):
+        """("ok", "") or ("refused", reason for the log).  With defer, a good
+        login is written to the db only by finish(): serve() answers first,
+        so the write overlaps the child's upstream connect (and is done
+        before the child's next request, `sign`, is read).  A bad one is
+        always written before the answer."""
         if not authdb.valid_name(name) or not apop.well_formed_digest(offered):
             return REFUSED, "malformed request"
         if self.database.refresh() and self.database.error:
@@ -67,9 +72,18 @@ class Authority:
             self.record(name, False)
         if reason is not None:
             return REFUSED, reason
-        self.record(name, True)
+        if defer:
+            self.deferred = name
+        else:
+            self.record(name, True)
         self.verified = name
         return "ok", ""
+
+    def finish(self):
+        """Write the good login verify(defer=True) left for after the answer."""
+        name, self.deferred = self.deferred, None
+        if name is not None:
+            self.record(name, True)
 
     def record(self, name, good):
         if self.database.path is None:
@@ -100,7 +114,7 @@ def answer(authority, line):
     """The monitor's answer line to one request line from the child."""
     words = line.split(" ")
     if len(words) == 3 and words[0] == "verify":
-        verdict, reason = authority.verify(words[1], words[2])
+        verdict, reason = authority.verify(words[1], words[2], defer=True)
         return ("%s %s" % (verdict, reason)).strip()
     if len(words) == 2 and words[0] == "sign":
         signature = authority.sign(words[1])
@@ -127,6 +141,8 @@ def serve(channel, authority, resolve, log):
             channel.sendall(reply.encode("ascii", "replace") + b"\n")
         except OSError:
             return
+        finally:
+            authority.finish()
     log.error("monitor", reason="too many requests from the session child")
 
 

@@ -189,15 +189,11 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
     ended = "client quit"
     try:
         channel.write(pop.greeting())
-        # Before login `timeout` bounds a whole command line, not each read:
-        # a client dripping one byte at a time must not hold a session forever.
-        line_deadline = None
+        # Before login `timeout` bounds a whole command line, not each read.
+        deadline = lineio.LineDeadline(timeout, pop.splitter)
         while not pop.closed and pop.login is None:
             try:
-                wait = timeout if line_deadline is None else line_deadline - time.monotonic()
-                if wait <= 0:
-                    raise lineio.Timeout()
-                data = channel.read(wait)
+                data = deadline.read(channel)
             except lineio.Timeout:
                 channel.write(pop.timeout())
                 ended = "timeout before login"
@@ -205,13 +201,8 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
             except lineio.Closed:
                 ended = "client closed before login"
                 break
-            before = pop.splitter.pending() + len(data)
             reply = pop.feed(data)
-            after = pop.splitter.pending()
-            if after == 0:
-                line_deadline = None
-            elif after < before or line_deadline is None:
-                line_deadline = time.monotonic() + timeout
+            deadline.fed()
             if reply:
                 channel.write(reply)
         if pop.closed and ended == "client quit":
@@ -221,11 +212,17 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
             fields.update(user=login.user, dest="%s:%d" % (login.host, login.port))
             skeleton.set_title("pop3-gw: %s %s" % (peer.addr_text, login.user))
             try:
-                try:
-                    addresses = link.resolve(login.host, login.port)
-                except LookupError as err:
-                    raise upstream.UpstreamError("cannot resolve %s: %s" % (login.host, err),
-                                                 upstream.UNAVAILABLE) from None
+                # An address literal needs no resolver: no round trip to the monitor.
+                address = hostmatch.normalize_address(login.host)
+                if address is not None:
+                    addresses = [address]
+                else:
+                    try:
+                        addresses = link.resolve(login.host, login.port)
+                    except LookupError as err:
+                        raise upstream.UpstreamError("cannot resolve %s: %s"
+                                                     % (login.host, err),
+                                                     upstream.UNAVAILABLE) from None
                 server = upstream.login(addresses, login.port, login.user, link.sign, timeout)
             except upstream.UpstreamError as err:
                 logger.notice("upstream-fail", reason=err.reason, **fields)
