@@ -173,6 +173,8 @@ class Daemon:
                 self.log.error("accept", reason=err.strerror)
             return
         if len(self.children) >= self.maxchildren:
+            self.reap()         # a child that just ended still counts until reaped
+        if len(self.children) >= self.maxchildren:
             self.log.warning("busy", children=len(self.children), reason="maxchildren reached")
             try:
                 conn.setblocking(False)
