@@ -25,6 +25,7 @@ ADDRESS_FIELDS = frozenset((b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc
 _STRICT_HEADER = email.policy.default.header_factory   # imported before any chroot
 SHORTEN_FIELDS = frozenset((b"from", b"sender", b"reply-to", b"cc"))
 FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
+UNSAFE_IN_FIELD = re.compile(rb"[|/\\-]|=\?")
 
 
 def envelope_problem(envelope):
@@ -101,7 +102,13 @@ def header_problem(data):
 
 def address_field_problem(raw):
     """A program, a file or an option in an address header."""
-    text = raw.split(b":", 1)[1].decode("latin-1")
+    value = raw.split(b":", 1)[1]
+    if not UNSAFE_IN_FIELD.search(value):
+        # No local part can start with "|", "/" or "-" when none of them is
+        # in the field and nothing in it decodes to one (an encoded word
+        # "=?", a quoted pair "\\"): neither reading below could object.
+        return None
+    text = value.decode("latin-1")
     text = text.replace("\r\n", "")
     for _, spec in email.utils.getaddresses([text]):
         local = spec.rsplit("@", 1)[0].strip().strip('"').lstrip()

@@ -18,6 +18,7 @@ It trusts the agent's answers only for the message ids and recipients it
 asked about.
 """
 
+import collections
 import errno
 import fcntl
 import os
@@ -31,6 +32,7 @@ from common import address, skeleton, spool
 from smapd import agent, bounce, checks, state
 
 SWEEP_INTERVAL = 3600
+SYNC_DELAY = 0.1        # seconds a removal from queue/ may wait for the next fsync of queue/
 LOST_MARGIN = 60        # seconds beyond 2 × deliver-timeout after which a request counts as lost
 
 
@@ -68,11 +70,14 @@ class Scanner:
         self.inflight = {}
         self.attempted = set()
         self.rescan = True
-        self.backlog = False
+        self.todo = collections.deque()     # names of the last scan not yet looked at
+        self.todo_force = False
         self.flush = False
         self.stopping = False
         self.earliest_due = None
         self.last_sweep = 0.0
+        self.unsynced = []              # removed from queue/, removal not yet fsync'ed
+        self.unsynced_since = 0.0
 
     # -- signals -------------------------------------------------------------
     def on_term(self, signum, frame):
@@ -94,6 +99,12 @@ class Scanner:
         signal.signal(signal.SIGUSR1, self.on_flush)
         signal.signal(signal.SIGHUP, self.on_flush)
         state.sweep_orphans(self.base)
+        try:
+            return self.loop(wake_read)
+        finally:
+            self.sync_removals()
+
+    def loop(self, wake_read):
         next_scan = 0.0
         status = 0
         while True:
@@ -112,6 +123,12 @@ class Scanner:
             timeout = max(0.0, next_scan - time.monotonic())
             if self.earliest_due is not None:
                 timeout = min(timeout, max(0.05, self.earliest_due - time.time()))
+            if self.unsynced:
+                waited = time.monotonic() - self.unsynced_since
+                if not self.inflight or waited >= SYNC_DELAY:
+                    self.sync_removals()
+                else:
+                    timeout = min(timeout, SYNC_DELAY - waited)
             if self.rescan:
                 timeout = 0.0
             watched = [wake_read, self.channel] + ([self.trigger_fd] if self.trigger_fd is not None else [])
@@ -129,6 +146,10 @@ class Scanner:
                                inflight=len(self.inflight))
                 status = 1
                 break
+            if self.todo and not self.stopping and not self.rescan:
+                # a slot is free: go on with the names of the last scan at once
+                # (re-listing queue/ for every settled delivery costs O(queue))
+                self.dispatch()
         self.log.info("stop", inflight=len(self.inflight))
         return status
 
@@ -153,8 +174,6 @@ class Scanner:
             self.settle(message_id, flight, dict((r, (k, t)) for r, k, t in outcomes))
         finally:
             os.close(flight.fd)
-        if self.backlog:
-            self.rescan = True
         return True
 
     def expire_lost(self):
@@ -176,14 +195,25 @@ class Scanner:
             self.last_sweep = now
             for name in spool.sweep_tmp(self.base):
                 self.log.notice("sweep", id=name, reason="stale temporary file removed")
-        force, self.flush = self.flush, False
+        # names a flush left over in the last scan are flushed in this one too
+        self.todo_force = self.flush or (self.todo_force and bool(self.todo))
+        self.flush = False
         self.earliest_due = None
-        self.backlog = False
+        self.todo = collections.deque(spool.queued(self.base))
+        return self.dispatch(now)
+
+    def dispatch(self, now=None):
+        """Hand over names of the last scan while a slot is free; returns how many.
+
+        The names stay those of the scan: the claim checks each one again
+        (gone, busy or replaced since are skipped), and messages that arrive
+        meanwhile come with the next scan (the trigger, SIGUSR1, `wakeup`).
+        """
+        now = time.time() if now is None else now
+        force = self.todo_force
         dispatched = 0
-        for name in spool.queued(self.base):
-            if len(self.inflight) >= self.maxchildren:
-                self.backlog = True     # look again as soon as a delivery settles
-                break
+        while self.todo and len(self.inflight) < self.maxchildren:
+            name = self.todo.popleft()
             if name in self.inflight or (self.once and name in self.attempted):
                 continue
             fd = self.claim(name)
@@ -198,8 +228,6 @@ class Scanner:
                 dispatched += 1
             else:
                 os.close(fd)
-        if self.backlog and force:
-            self.flush = True           # the messages left over are flushed too
         return dispatched
 
     def claim(self, name):
@@ -345,12 +373,25 @@ class Scanner:
             new_id = self.inject([to], data)
             self.log.notice("bounce", id=name, bounce_id=new_id, to="<%s>" % to,
                             failed=",".join("<%s>" % r for r, _ in record.failed))
-        queue_dir = os.path.join(self.base, spool.QUEUE)
-        os.unlink(os.path.join(queue_dir, name))
-        spool.fsync_dir(queue_dir)
-        state.remove(self.base, name)
+        os.unlink(os.path.join(self.base, spool.QUEUE, name))
+        # The fsync of queue/ that makes the removal durable (and only then the
+        # removal of the state file) is shared by the removals of SYNC_DELAY
+        # seconds (sync_removals): a crash before it brings the message back,
+        # to be delivered again, as a crash between delivery and removal does.
+        if not self.unsynced:
+            self.unsynced_since = time.monotonic()
+        self.unsynced.append(name)
         self.log.info("done", id=name, attempts=record.attempts,
                       delivered=len(record.done), failed=len(record.failed))
+
+    def sync_removals(self):
+        """fsync queue/ for the removals since the last call, then drop their state."""
+        if not self.unsynced:
+            return
+        spool.fsync_dir(os.path.join(self.base, spool.QUEUE))
+        names, self.unsynced = self.unsynced, []
+        for name in names:
+            state.remove(self.base, name)
 
     def inject(self, recipients, data):
         """Spool a message of our own (a bounce or a notice), sender <>."""

@@ -69,3 +69,20 @@ def test_shorten_rewrites_only_the_four_fields():
 
 def test_shorten_without_domains_is_identity():
     assert checks.shorten(GOOD, []) is GOOD
+
+
+@pytest.mark.parametrize("field", [
+    b"To: =?utf-8?b?LWJl?=@example.org\r\n",          # an encoded word that decodes to "-be"
+    b"To: =?us-ascii?q?=7Cprog?=@example.org\r\n",     # ... and to "|prog"
+    b"To: \"-be\"@example.org\r\n",
+    b"To: x </etc/passwd@example.org>\r\n",
+])
+def test_address_fields_that_could_name_a_program_are_parsed(field):
+    # the fast path (no "|", "/", "-", "\\" or "=?" in the field) must not
+    # let any of these through
+    assert checks.address_field_problem(field) is not None
+
+
+def test_plain_address_fields_pass_the_fast_path():
+    assert checks.address_field_problem(b"To: Bob <bob@example.org>, carol@example.org\r\n") is None
+    assert checks.address_field_problem(b"To: Jean <jp@mail-x.example.org>\r\n") is None
