@@ -75,8 +75,7 @@ def take_pidfile(argv):
 
 def main(argv=None):
     argv, pidfile = take_pidfile(sys.argv[1:] if argv is None else argv)
-    inetd = not any(a == "--daemon" or a.startswith("--daemon=") for a in argv) \
-        and not {"-n", "--check", "-h", "--help", "--version"} & set(argv)
+    inetd = cli.inetd_mode(argv)
     if inetd:
         skeleton.silence_stderr()   # fd 2 is the client's socket under inetd
     try:

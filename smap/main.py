@@ -137,8 +137,7 @@ def refuse_inetd(reason):
 def main(argv=None):
     argv_given = argv is not None
     argv = sys.argv[1:] if argv is None else argv
-    inetd = "--daemon" not in argv and not any(a.startswith("--daemon=") for a in argv) \
-        and not {"-n", "--check", "-h", "--help", "--version"} & set(argv)
+    inetd = cli.inetd_mode(argv)
     if inetd:
         skeleton.silence_stderr()   # fd 2 is the client's socket under inetd
     try:

@@ -344,6 +344,11 @@ class Session:
         data = block.replace(b"\r\n.", b"\r\n")
         if data.startswith(b"."):
             data = data[1:]
+        self.take_text(data)
+
+    def take_text(self, data):
+        """Count message text against maxbytes and write it, unless the
+        message is already refused (its answer comes at the final dot)."""
         self.size += len(data)
         if self.size > self.policy.maxbytes:
             self.data_error = self.data_error or (
@@ -368,16 +373,7 @@ class Session:
         if b"\0" in line:
             self.data_error = self.data_error or (b"554 5.6.0 Error: NUL in message\r\n",
                                                   "NUL byte in message")
-        self.size += len(line)
-        if self.size > self.policy.maxbytes:
-            self.data_error = self.data_error or (
-                b"552 5.3.4 Error: message size exceeds fixed limit\r\n",
-                "message over maxbytes")
-        if self.data_error is None:
-            try:
-                self.writer.write(line)
-            except OSError as err:
-                self.data_error = (storage_reply(err), "spool write: %s" % err.strerror)
+        self.take_text(line)
         return b""
 
     def end_of_data(self):
