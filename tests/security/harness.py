@@ -16,6 +16,7 @@ every process it starts is stopped by its pid, every wait is bounded.
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from common import spool
 from tests.integration import realpeers
+from tests.integration.pop3_helpers import LogCatcher
 
 BIN = Path(sys.executable).parent
 
@@ -39,55 +41,24 @@ def program(name):
     return str(path)
 
 
-class LogCollector:
-    """A private AF_UNIX datagram socket standing where syslog would be,
-    drained by a thread as syslogd would drain it (a full socket queue
-    would block the logging programs)."""
+class LogCollector(LogCatcher):
+    """pop3_helpers.LogCatcher (a private datagram socket standing where
+    syslog would be, drained by a thread) in a temporary directory of its
+    own; wait_for() takes plain text rather than a regex."""
 
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="mwsec-"))
         os.chmod(self.dir, 0o755)
-        self.path = self.dir / "log.sock"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.path))
-        os.chmod(self.path, 0o666)
-        self.sock.settimeout(0.2)
-        self.lines = []
-        self.lock = threading.Lock()
-        self.running = True
-        self.thread = threading.Thread(target=self._drain, daemon=True)
-        self.thread.start()
-
-    def _drain(self):
-        while self.running:
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self.lock:
-                self.lines.append(data.decode("utf-8", "replace"))
+        super().__init__(self.dir / "log.sock")
 
     def read(self):
-        with self.lock:
-            return list(self.lines)
+        return self.lines()
 
     def wait_for(self, text, timeout=5):
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [line for line in self.read() if text in line]
-            if found:
-                return found[0]
-            if time.monotonic() > deadline:
-                raise AssertionError("%r not logged within %ss; got:\n%s"
-                                     % (text, timeout, "\n".join(self.read())))
-            time.sleep(0.02)
+        return super().wait_for(re.escape(text), timeout)
 
     def close(self):
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
+        super().close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
