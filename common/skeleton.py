@@ -95,6 +95,17 @@ def listen(host, port, backlog=128):
     return listener
 
 
+def signal_pipe():
+    """(read fd, write fd) of a non-blocking pipe that every signal writes to
+    (signal.set_wakeup_fd), so a select() loop wakes at once on a signal."""
+    import signal
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    return wake_read, wake_write
+
+
 class Daemon:
     """The forking accept loop."""
 
@@ -130,10 +141,7 @@ class Daemon:
 
     def run(self):
         import signal
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
+        wake_r, wake_w = signal_pipe()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)

@@ -90,10 +90,7 @@ class Scanner:
     # -- the loop ------------------------------------------------------------
     def run(self):
         skeleton.set_title("smapd: scanner")
-        wake_read, wake_write = os.pipe()
-        os.set_blocking(wake_read, False)
-        os.set_blocking(wake_write, False)
-        signal.set_wakeup_fd(wake_write)
+        wake_read, wake_write = skeleton.signal_pipe()
         signal.signal(signal.SIGTERM, self.on_term)
         signal.signal(signal.SIGINT, self.on_term)
         signal.signal(signal.SIGUSR1, self.on_flush)
