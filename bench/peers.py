@@ -363,6 +363,15 @@ def children_of(pid):
     return out
 
 
+def title_of(pid):
+    """The process title (cmdline, NULs as spaces); "" when it is gone."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as fh:
+            return fh.read().replace(b"\0", b" ").strip().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def memory_of(pid):
     """(VmRSS, Private_Clean+Private_Dirty, Pss) in KiB from /proc."""
     rss = private = pss = None

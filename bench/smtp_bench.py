@@ -9,7 +9,7 @@
   (`python -I -S -c pass`, the interpreter of .venv); and the same without
   xinetd, each program started directly on one end of a socketpair.
 - memory: VmRSS (and private memory) of one smap connection process, under
-  xinetd (a fresh interpreter) and as a --daemon child (forked).
+  xinetd (a fresh interpreter) and as a --daemon worker (forked, reused).
 
 It trusts the servers from bench.peers and the smtp-source binary.
 """
@@ -217,7 +217,9 @@ def smap_process_memory(port, parent_pid, which):
         children = []
         deadline = time.monotonic() + 10
         while not children and time.monotonic() < deadline:
-            children = peers.children_of(parent_pid)
+            # smap --daemon keeps idle workers ("smap: waiting") beside the busy one
+            children = [pid for pid in peers.children_of(parent_pid)
+                        if not peers.title_of(pid).startswith("smap: waiting")]
             if not children:
                 time.sleep(0.02)
         if len(children) != 1:
@@ -247,7 +249,7 @@ def memory_measurements(env, smoke):
                                [Variant("smap under xinetd (make install launcher)",
                                         under("xinetd", which),
                                         missing_any("smap", "xinetd")),
-                                Variant("smap --daemon child", under("daemon", which),
+                                Variant("smap --daemon worker", under("daemon", which),
                                         missing_any("smap"))]))
     return out
 
@@ -292,23 +294,20 @@ def startup_measurements(env, smoke):
 
 
 def daemon_child_cost(env, which, smoke):
-    """CPU and page faults of smap --daemon's children per connection, from
-    the daemon's cutime/cstime/cminflt around one smtp-source run."""
+    """CPU and page faults of smap --daemon's session processes per
+    connection: the daemon's cutime/cstime/cminflt (workers that ended)
+    plus the utime/stime/minflt and c* figures of every live descendant
+    (workers stay after a run, and so do their resolver helpers), around
+    one smtp-source run."""
     def measure():
         info = env.get("smap")
         messages = 10 if smoke else 300
-        before = _child_stat(info["pid"])
         peers.clear_dir(os.path.join(info["spool"], "queue"))
+        before = _family_stat(info["pid"])
         smtp_source(info["port"], 10, messages, 5 * 1024, False)
         count_and_clear(info["spool"], messages)
-        after = before
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:      # children are reaped a little later
-            after = _child_stat(info["pid"])
-            if not peers.children_of(info["pid"]):
-                break
-            time.sleep(0.05)
-        after = _child_stat(info["pid"])
+        time.sleep(0.2)                         # the last sessions log and go idle
+        after = _family_stat(info["pid"])
         delta = [a - b for a, b in zip(after, before)]
         ticks = os.sysconf("SC_CLK_TCK")
         return {"user": delta[1] * 1000.0 / ticks / messages,
@@ -317,23 +316,43 @@ def daemon_child_cost(env, which, smoke):
     return measure
 
 
-def _child_stat(pid):
+def _stat_fields(pid):
     with open("/proc/%d/stat" % pid) as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    # after the name: state(0) ppid ... minflt(7) cminflt(8) ... cutime(13) cstime(14)
-    return int(fields[8]), int(fields[13]), int(fields[14])
+    # after the name: state(0) ppid ... minflt(7) cminflt(8) ... utime(11) stime(12)
+    # cutime(13) cstime(14)
+    return [int(f) for f in fields[7:15]]
+
+
+def _family_stat(pid):
+    """(minor faults, user ticks, system ticks) of pid's descendants, the
+    ended ones (pid's c* fields) and the live ones (their own and c*)."""
+    own = _stat_fields(pid)
+    faults, user, system = own[1], own[6], own[7]
+    pending = list(peers.children_of(pid))
+    while pending:
+        child = pending.pop()
+        try:
+            f = _stat_fields(child)
+        except OSError:
+            continue                            # ended meanwhile: then in pid's c* next time
+        faults += f[0] + f[1]
+        user += f[4] + f[6]
+        system += f[5] + f[7]
+        pending.extend(peers.children_of(child))
+    return faults, user, system
 
 
 def fork_cost_measurements(env, smoke):
     need = missing_any("smtp-source", "smap")
     return [
-        Measurement("smap --daemon child", "user CPU per connection (-s 10, 5 KB)", "ms", False,
-                    [Variant("smap --daemon child", daemon_child_cost(env, "user", smoke), need)]),
-        Measurement("smap --daemon child", "system CPU per connection (-s 10, 5 KB)", "ms",
-                    False, [Variant("smap --daemon child", daemon_child_cost(env, "system",
+        Measurement("smap --daemon worker", "user CPU per connection (-s 10, 5 KB)", "ms", False,
+                    [Variant("smap --daemon worker", daemon_child_cost(env, "user", smoke), need)]),
+        Measurement("smap --daemon worker", "system CPU per connection (-s 10, 5 KB)", "ms",
+                    False, [Variant("smap --daemon worker", daemon_child_cost(env, "system",
                                                                            smoke), need)]),
-        Measurement("smap --daemon child", "minor page faults per connection (-s 10, 5 KB)",
+        Measurement("smap --daemon worker", "minor page faults per connection (-s 10, 5 KB)",
                     "faults", False,
-                    [Variant("smap --daemon child", daemon_child_cost(env, "faults", smoke),
+                    [Variant("smap --daemon worker", daemon_child_cost(env, "faults", smoke),
                              need)]),
     ]

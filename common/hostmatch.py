@@ -120,15 +120,17 @@ def confirmed_name(addr):
     return None, True
 
 
-def peer_of_socket(sock):
-    """The Peer behind a connected socket, with a forward-confirmed name."""
+def peer_of_socket(sock, confirm=None):
+    """The Peer behind a connected socket, with a forward-confirmed name
+    (`confirm(addr)` gives it: confirmed_name, or a helper that asks it
+    outside a chroot)."""
     try:
         if sock.family not in (_socket.AF_INET, _socket.AF_INET6):
             return Peer()
         addr = normalize_address(sock.getpeername()[0])
     except OSError:
         return Peer()
-    name, spoofed = confirmed_name(addr)
+    name, spoofed = (confirm or confirmed_name)(addr)
     return Peer(addr, name, spoofed)
 
 

@@ -73,6 +73,8 @@ _DECLARED = [
           "recipients per message (452 beyond)"),
     Param("maxchildren", (SMAP,), "int", 200, 1, 10000,
           "concurrent connections in --daemon mode (421 beyond)"),
+    Param("maxuse", (SMAP,), "int", 100, 1, 100000,
+          "connections a --daemon session process serves before it exits (1: one each)"),
     Param("permit-hosts", (SMAP, POP3GW), "rules", None, None, None,
           "host rule: who may connect (smap: everyone when no rule is given)"),
     Param("deny-hosts", (SMAP, POP3GW), "rules", None, None, None,

@@ -1,11 +1,16 @@
 """smap's command line and its connection path (DESIGN §3, §5).
 
-inetd mode: the client is on fd 0/1.  --daemon [ADDR:]PORT: listen and fork
-one child per connection that runs exactly the inetd path.  The path is:
-read the table, open the log, silence fd 2, learn the peer, apply the host
-rules, make sure the spool is there, chroot to it and drop to userid, then
-run the SMTP session until it ends.  Everything needed after the chroot is
-imported before it.
+inetd mode: the client is on fd 0/1.  The path is: read the table, open
+the log, silence fd 2, learn the peer, apply the host rules, make sure the
+spool is there, chroot to it and drop to userid, then run the SMTP session
+until it ends.  Everything needed after the chroot is imported before it.
+
+--daemon [ADDR:]PORT: listen; pre-forked session processes
+(common.skeleton.WorkerPool) each make sure of the spool, start a peer-name
+helper (common.lookup: the resolver needs /etc, which the jail lacks),
+chroot and drop to userid once, and then run the same path from "learn the
+peer" on for up to `maxuse` connections, one at a time, each with a new
+session.  `maxuse 1` gives every connection a process of its own.
 """
 
 import _socket
@@ -18,7 +23,7 @@ from smap import session
 
 USAGE = """usage: smap [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F]] [--version]
   no mode argument: inetd mode, the client on fd 0/1
-  --daemon [ADDR:]PORT  listen and fork one child per connection
+  --daemon [ADDR:]PORT  listen; pre-forked processes serve the connections
   -F                    with --daemon: stay in the foreground
   -c, --config TABLE    the netperm-table (default /etc/mailwall/netperm-table)
   -n, --check           check the table, print problems, exit 0 or 1
@@ -50,12 +55,15 @@ def getfqdn():
     return hostname
 
 
-def connection(config, logger):
-    """One SMTP connection on fd 0/1, start to end (inetd mode and daemon children)."""
+def connection(config, logger, worker=None):
+    """One SMTP connection on fd 0/1, start to end.  inetd mode: worker is
+    None, and the process jails itself here; --daemon: a SessionWorker that
+    is jailed already and asks its helper for the peer's name."""
     started = time.monotonic()
     channel = lineio.Channel(0, 1)
     sock = skeleton.peer_of_fd(0)
-    peer = hostmatch.peer_of_socket(sock) if sock is not None else hostmatch.Peer()
+    confirm = worker.lookup.confirmed_name if worker else None
+    peer = hostmatch.peer_of_socket(sock, confirm) if sock is not None else hostmatch.Peer()
     if sock is not None:
         sock.close()            # a dup of fd 0: closing it leaves fd 0 alone
     skeleton.set_title("smap: %s" % peer.addr_text)
@@ -75,19 +83,19 @@ def connection(config, logger):
     policy = session.Policy(hostname, config.get("maxbytes"), config.get("maxrecip"),
                             config.get("accept-domains") or (), relay_ok)
     directory = config.get("directory")
-    uid, gid, _ = privs.user_and_group(config)
-    try:
-        if not os.path.isdir(os.path.join(directory, spool.QUEUE)):
-            spool.make_dirs(directory, uid if os.geteuid() == 0 else None, gid)
-        jailed = privs.drop(directory, uid, gid)
-    except (OSError, privs.PrivilegeError) as err:
-        # No jail, no session: the client hears a plain SMTP 421 and retries.
-        logger.error("setup", addr=peer.addr_text,
-                     reason=getattr(err, "strerror", None) or str(err))
-        channel.write(SERVICE_UNAVAILABLE % hostname.encode())
-        return 1
-    if not jailed:
-        logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
+    if worker is not None:
+        jailed = worker.jailed
+    else:
+        try:
+            jailed = jail(config)
+        except (OSError, privs.PrivilegeError) as err:
+            # No jail, no session: the client hears a plain SMTP 421 and retries.
+            logger.error("setup", addr=peer.addr_text,
+                         reason=getattr(err, "strerror", None) or str(err))
+            channel.write(SERVICE_UNAVAILABLE % hostname.encode())
+            return 1
+        if not jailed:
+            logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
     smtp = session.Session(policy, peer, "/" if jailed else directory, logger)
     timeout = config.get("timeout")
     try:
@@ -117,6 +125,57 @@ def connection(config, logger):
                 messages=smtp.messages, bytes_in=channel.bytes_in,
                 bytes_out=channel.bytes_out, duration="%.3f" % (time.monotonic() - started))
     return 0
+
+
+def jail(config, before_chroot=None):
+    """Make sure of the spool, then chroot to it and drop to userid (True),
+    or nothing when not started as root (False).  before_chroot(uid, gid)
+    runs as root just before the chroot."""
+    directory = config.get("directory")
+    uid, gid, _ = privs.user_and_group(config)
+    if not os.path.isdir(os.path.join(directory, spool.QUEUE)):
+        spool.make_dirs(directory, uid if os.geteuid() == 0 else None, gid)
+    if before_chroot:
+        before_chroot(uid, gid)
+    return privs.drop(directory, uid, gid)
+
+
+class SessionWorker(skeleton.Worker):
+    """One pre-forked --daemon process: jailed once, then `connection` per client."""
+
+    def __init__(self, config, logger):
+        self.config, self.logger = config, logger
+        self.lookup = None
+        self.jailed = False
+        try:
+            self.jailed = jail(config, self.start_lookup)
+            self.ready = True
+        except (OSError, privs.PrivilegeError) as err:
+            logger.error("setup", reason=getattr(err, "strerror", None) or str(err))
+            self.ready = False
+        if self.ready and not self.jailed:
+            logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
+            self.start_lookup(None, None)
+
+    def start_lookup(self, uid, gid):
+        from common import lookup   # --daemon only: inetd mode must not pay for its imports
+        self.lookup = lookup.Lookup(uid, gid, drop=uid is not None, title="smap: resolver")
+
+    @property
+    def exhausted(self):
+        return self.lookup is not None and self.lookup.broken
+
+    def handle(self):
+        return connection(self.config, self.logger, self)
+
+    def refuse(self):
+        """The spool or the jail failed: each client hears a 421 and retries."""
+        hostname = self.config.get("hostname") or default_hostname()
+        write_quietly(1, SERVICE_UNAVAILABLE % hostname.encode())
+
+    def close(self):
+        if self.lookup is not None:
+            self.lookup.close()
 
 
 def write_quietly(fd, data):
@@ -170,15 +229,17 @@ def main(argv=None):
         # every connection.  (Callers that pass argv get a return instead.)
         os._exit(status)
     default_hostname()          # once, not in every child
+    from common import lookup   # noqa: F401  (imported once, before the workers fork)
     host, port = cli.parse_listen(options.daemon, 25)
     listener = skeleton.listen(host, port)
     if not options.foreground:
         skeleton.daemonize(keep_fds=[listener.fileno()] + ([logger.sock.fileno()] if logger.sock else []))
     logger.info("listen", addr=host, port=port)
-    server = skeleton.Daemon(listener, lambda: connection(config, logger), logger,
-                             config.get("maxchildren"),
-                             busy_reply=b"421 4.3.2 Too many connections, try again later\r\n",
-                             title="smap: listening on %s:%d" % (host, port))
+    server = skeleton.WorkerPool(
+        listener, lambda: SessionWorker(config, logger), logger,
+        config.get("maxchildren"), config.get("maxuse"),
+        busy_reply=b"421 4.3.2 Too many connections, try again later\r\n",
+        title="smap: listening on %s:%d" % (host, port), idle_title="smap: waiting")
     server.run()
     return 0
 

@@ -167,16 +167,31 @@ def proc_status(pid):
     return fields
 
 
+IDLE_TITLE = b"smap: waiting"
+
+
 def session_child(parent_pid, timeout=10):
-    """The pid of parent's only child (a --daemon/xinetd session), bounded wait."""
+    """The pid of parent's only child that serves a connection (an xinetd
+    session, or the one busy --daemon worker: idle workers are titled
+    "smap: waiting"), bounded wait."""
     def find():
         path = Path("/proc/%d/task/%d/children" % (parent_pid, parent_pid))
         try:
             pids = [int(p) for p in path.read_text().split()]
         except OSError:
             return None
-        return pids[0] if len(pids) == 1 else None
+        busy = [pid for pid in pids if not title_of(pid).startswith(IDLE_TITLE)]
+        return busy[0] if len(busy) == 1 else None
     return realpeers.wait_until(find, timeout, what="a session child of %d" % parent_pid)
+
+
+def title_of(pid):
+    """The process title (its cmdline), b"" when it is gone."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            return cmdline.read().rstrip(b"\0")
+    except OSError:
+        return b""
 
 
 def wait_for_file(directory, timeout=10):

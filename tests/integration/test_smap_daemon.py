@@ -1,20 +1,26 @@
 """`smap --daemon 127.0.0.1:PORT -F` with real clients: Python's smtplib,
 swaks over TCP and `swaks --pipe` (smap on a pipe pair, as inetd-mode code
 sees it); host rules with a client bound to 127.0.0.2; relay control; the
-session child's title, uid/gid and chroot seen from /proc.
+session process's title, uid/gid and chroot seen from /proc; the pre-forked
+workers: `maxuse` connections each, a new session every time, name rules
+through the resolver helper, a broken spool, SIGTERM.
 """
 
 import os
 import re
+import signal
 import smtplib
+import socket
 import subprocess
 
 import pytest
 
 from common import spool
 from tests.integration import realpeers
-from tests.integration.smap_helpers import (SmtpClient, contents, make_spool, proc_status,
-                                            session_child, smap_program, write_table)
+from tests.integration.smap_helpers import (IDLE_TITLE, SmtpClient, contents, make_spool,
+                                            proc_status, send_message, session_child,
+                                            smap_program, title_of, write_table)
+from tests.integration.smapd_helpers import children_of
 
 pytestmark = pytest.mark.integration
 QUEUED_TEXT = re.compile(r"250 2\.0\.0 Ok: queued as ([0-9A-F]+)")
@@ -188,3 +194,107 @@ def test_session_child_is_jailed_and_titled(tmp_path, spool_dir, daemon_factory)
         assert client.command(b"QUIT\r\n") == b"221 2.0.0 Bye\r\n"
     finally:
         client.close()
+
+
+# -- the pre-forked session processes (maxuse) -----------------------------------
+
+def serving_worker(daemon):
+    """The pid of the one busy worker (bounded wait)."""
+    return session_child(daemon.proc.pid)
+
+
+def test_a_worker_serves_connections_one_after_another_each_a_new_session(
+        tmp_path, spool_dir, daemon_factory):
+    daemon = daemon_factory(write_table(tmp_path / "table", spool_dir, "smap: maxuse 3"))
+    served_by = []
+    for number in range(4):
+        client = SmtpClient.connect("127.0.0.1", daemon.port)
+        try:
+            assert client.reply().startswith(b"220 mx.example.org ")
+            served_by.append(serving_worker(daemon))
+            if number == 0:
+                # a transaction left open must not leak into the next connection
+                assert client.command(b"EHLO a.example\r\n").startswith(b"250")
+                assert client.command(b"MAIL FROM:<a@example.net>\r\n") == b"250 2.1.0 Ok\r\n"
+            else:
+                assert client.command(b"RCPT TO:<user@example.org>\r\n").startswith(b"503 ")
+                assert send_message(client, rcpt=b"u%d@example.org" % number).startswith(b"250 ")
+            client.send(b"QUIT\r\n")
+            client.rest()
+        finally:
+            client.close()
+        realpeers.wait_until(lambda: not [p for p in children_of(daemon.proc.pid)
+                                          if title_of(p) != IDLE_TITLE], 10, what="worker idle")
+    # one process for the first three connections (maxuse 3), then a new one
+    assert served_by[0] == served_by[1] == served_by[2] != served_by[3]
+    queue, tmp = contents(spool_dir)
+    assert len(queue) == 3 and tmp == []
+    rcpts = sorted(spool.read_message(str(spool_dir / spool.QUEUE / q))[0]["rcpt"][0]
+                   for q in queue)
+    assert rcpts == ["u1@example.org", "u2@example.org", "u3@example.org"]
+
+
+def test_name_rules_work_inside_the_jail(tmp_path, spool_dir, daemon_factory, rsyslog):
+    # 127.0.0.1 is "localhost" forward and back (/etc/hosts): the worker is
+    # chrooted to the spool, so only its resolver helper can find that name
+    daemon = daemon_factory(write_table(tmp_path / "table", spool_dir,
+                                        "smap: deny-hosts localhost", "smap: permit-hosts *",
+                                        logsocket=rsyslog.socket))
+    for _ in range(2):              # the same worker, twice
+        denied = SmtpClient.connect("127.0.0.1", daemon.port)
+        try:
+            denied.rest()
+            assert denied.received == b"554 5.7.1 mx.example.org: access denied\r\n"
+        finally:
+            denied.close()
+    assert "deny host=localhost addr=127.0.0.1" in rsyslog.wait_for("deny host=")
+    other = SmtpClient.connect("127.0.0.1", daemon.port, source="127.0.0.2")
+    try:
+        assert other.reply().startswith(b"220 ")
+    finally:
+        other.close()
+
+
+def test_a_spool_the_workers_cannot_use_gets_421_without_a_fork_loop(
+        tmp_path, daemon_factory, rsyslog):
+    realpeers.require_root()
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    daemon = daemon_factory(write_table(tmp_path / "table", blocker / "spool",
+                                        logsocket=rsyslog.socket))
+    for _ in range(2):
+        client = SmtpClient.connect("127.0.0.1", daemon.port, timeout=10)
+        try:
+            client.rest()
+            assert client.received.startswith(b"421 4.3.0 mx.example.org ")
+        finally:
+            client.close()
+    assert "setup" in rsyslog.wait_for("setup reason=")
+    time_window_forks = len(re.findall(r"setup reason=", rsyslog.read()))
+    # each failed worker answered one client; a broken set-up is retried at
+    # most about once a second, not in a tight loop
+    assert time_window_forks <= 6, rsyslog.read()
+
+
+def test_sigterm_lets_the_busy_worker_finish_and_stops_the_rest(
+        tmp_path, spool_dir, daemon_factory):
+    daemon = daemon_factory(write_table(tmp_path / "table", spool_dir))
+    client = SmtpClient.connect("127.0.0.1", daemon.port)
+    try:
+        assert client.reply().startswith(b"220 ")
+        busy = serving_worker(daemon)
+        realpeers.wait_until(lambda: len(children_of(daemon.proc.pid)) >= 2, 10,
+                             what="an idle spare next to the busy worker")
+        idle = [p for p in children_of(daemon.proc.pid) if p != busy]
+        os.kill(daemon.proc.pid, signal.SIGTERM)
+        realpeers.wait_until(lambda: not any(os.path.exists("/proc/%d" % p) and
+                                             title_of(p) for p in idle), 10,
+                             what="idle workers gone")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=5).close()
+        assert send_message(client).startswith(b"250 ")
+        assert client.command(b"QUIT\r\n") == b"221 2.0.0 Bye\r\n"
+    finally:
+        client.close()
+    realpeers.wait_until(lambda: not title_of(busy), 10, what="the busy worker gone")
+    assert len(contents(spool_dir)[0]) == 1

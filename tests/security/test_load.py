@@ -6,8 +6,10 @@
 * Slow clients that drip one byte every second or two are cut at `timeout`
   (421 and close, before they have finished their line), and while they
   hang on, a normal client still gets its message through.
-* The number of session children is bounded by `maxchildren`: the next
-  connection gets 421 and is closed, and /proc never shows more children.
+* The number of session processes is bounded by `maxchildren`: the next
+  connection gets 421 and is closed, and /proc never shows more; a freed
+  process serves the next connection (`maxuse`), or, with `maxuse 1`, is
+  replaced by a new one.
 
 The 200-session POP3 load through pop3-gw to Dovecot is
 tests/integration/test_pop3gw_relay.py::test_two_hundred_concurrent_sessions
@@ -21,6 +23,7 @@ import pytest
 
 from tests.integration import pop3_helpers, realpeers
 from tests.integration.pop3_helpers import close_clients, shared_dir  # noqa: F401
+from tests.integration.smap_helpers import title_of
 from tests.integration.smapd_helpers import children_of
 from tests.security.harness import SmapSetup, queue_id_of
 
@@ -138,25 +141,44 @@ def test_slow_drip_clients_are_cut_at_timeout_and_do_not_starve_others(smap_fact
     assert setup.queued() == [queue_id_of(text)]
 
 
-def test_children_are_bounded_by_maxchildren(smap_factory):
-    setup = smap_factory(maxchildren=5, timeout=60)
+def busy_workers(daemon_pid):
+    return [pid for pid in children_of(daemon_pid) if title_of(pid) != b"smap: waiting"]
+
+
+@pytest.mark.parametrize("maxuse", [100, 1])
+def test_children_are_bounded_by_maxchildren(smap_factory, maxuse):
+    setup = smap_factory(maxchildren=5, timeout=60, lines=["smap: maxuse %d" % maxuse])
     daemon = setup.processes[0]
     held = []
     for _ in range(5):
         client = setup.connect(setup.port)
         assert client.reply()[0] == 220
         held.append(client)
+    realpeers.wait_until(lambda: len(busy_workers(daemon.pid)) == 5, 10, what="5 busy")
     assert len(children_of(daemon.pid)) == 5
     extra = setup.connect(setup.port)
     code, text = extra.reply()
     assert code == 421, text
     assert extra.closed_by_server(10)
     assert len(children_of(daemon.pid)) == 5
-    # a slot freed is a slot usable again
+    assert "busy children=5" in setup.logs.wait_for("busy")
+    # a slot freed is a slot usable again: the same process (maxuse 100),
+    # or a new one in its place (maxuse 1)
+    before = set(busy_workers(daemon.pid))
     assert held.pop().cmd("QUIT")[0] == 221
-    realpeers.wait_until(lambda: len(children_of(daemon.pid)) == 4, 10, what="child gone")
+    realpeers.wait_until(lambda: len(busy_workers(daemon.pid)) == 4, 10, what="a worker freed")
+    freed = before - set(busy_workers(daemon.pid))
+    assert len(freed) == 1
     again = setup.connect(setup.port)
     assert again.reply()[0] == 220
+    after = set(realpeers.wait_until(
+        lambda: len(busy_workers(daemon.pid)) == 5 and busy_workers(daemon.pid), 10,
+        what="5 busy again"))
+    assert len(children_of(daemon.pid)) == 5
+    if maxuse == 1:
+        assert not freed & set(children_of(daemon.pid)) and after != before
+    else:
+        assert after == before
 
 
 def test_pop3_gw_children_are_bounded_by_maxchildren(shared_dir):

@@ -16,7 +16,8 @@ the root directory.  What DESIGN §1, §5, §7 and §8 require:
 
 | process                 | uid/gid (all four)   | groups | root          |
 |-------------------------|----------------------|--------|---------------|
-| smap session (inetd and --daemon child) | uucp/uucp | none | the spool |
+| smap session (inetd and every --daemon worker) | uucp/uucp | none | the spool |
+| smap --daemon worker's resolver helper | uucp/uucp | none | /  (needs /etc) |
 | smapd scanner           | uucp/uucp            | none   | the spool     |
 | smapd agent, worker, MTA| uucp/uucp            | none   | /  (must exec)|
 | pop3-gw session child   | nobody/nogroup       | none   | its directory |
@@ -132,11 +133,19 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
         # -- the audit, all processes alive at once --------------------------------
         assert_jailed(client.proc.pid, uucp.pw_uid, uucp.pw_gid, directory, "smap session")
         audited["smap session"] = client.proc.pid
+        # every --daemon worker, the one serving daemon_client and any idle
+        # spare, is jailed; each has one resolver helper, unjailed but uucp
         daemon_children = helpers.children_of(smap_daemon.pid)
-        assert len(daemon_children) == 1
-        assert_jailed(daemon_children[0], uucp.pw_uid, uucp.pw_gid, directory,
-                      "smap --daemon session child")
-        audited["smap --daemon child"] = daemon_children[0]
+        busy = [p for p in daemon_children if title_of(p) == "smap: 127.0.0.1"]
+        assert len(busy) == 1, [title_of(p) for p in daemon_children]
+        for pid in daemon_children:
+            assert_jailed(pid, uucp.pw_uid, uucp.pw_gid, directory,
+                          "smap --daemon worker %s" % title_of(pid))
+            resolvers = helpers.children_of(pid)
+            assert [title_of(r) for r in resolvers] == ["smap: resolver"]
+            assert_jailed(resolvers[0], uucp.pw_uid, uucp.pw_gid, "/", "smap resolver helper")
+        audited["smap --daemon worker"] = busy[0]
+        audited["smap resolver helper"] = helpers.children_of(busy[0])[0]
         assert_jailed(smapd.pid, uucp.pw_uid, uucp.pw_gid, directory, "smapd scanner")
         audited["smapd scanner"] = smapd.pid
         assert title_of(smapd.pid).startswith("smapd: scanner")
@@ -164,7 +173,7 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
         for pid in (pop_daemon.proc.pid, monitors[0]):
             assert root_of(pid) == "/"
             audited[title_of(pid)[:40]] = pid
-        assert len(audited) >= 9, audited        # smap x2, scanner, agent, worker, MTA, pop3 x3
+        assert len(audited) >= 10, audited       # smap x3, scanner, agent, worker, MTA, pop3 x3
         client.cmd("QUIT")
         pop_client.command(b"QUIT")
         # the delivery ends as it should: the MTA got exactly one run

@@ -1,0 +1,111 @@
+"""A peer-name lookup that works from inside a chroot.
+
+smap --daemon's session processes serve many connections after they have
+jailed themselves in the spool, where the resolver's /etc files are not.
+Each such process starts a Lookup first: a helper process, forked before
+the chroot, that drops to the same unprivileged user without a chroot and
+answers one question on a socketpair: the forward-confirmed name of an IP
+address (common.hostmatch.confirmed_name, exactly what inetd mode asks the
+resolver in-process).  The helper trusts nothing it is sent: a request is
+one bounded datagram that must be the canonical text of an IP address; it
+holds no other descriptor and no privilege.  The asking side bounds its
+wait; a helper that does not answer in time is given up, and the process
+that owns it serves no further connections.
+"""
+
+import os
+import select
+import signal
+import socket
+
+from common import hostmatch, privs, skeleton
+
+MAX_REQUEST = 64                # an IPv6 address text is at most 45 octets
+MAX_REPLY = 1024
+WAIT = 60.0                     # two resolver lookups with the usual retries fit
+
+
+class Lookup:
+    """The asking side; `confirmed_name(addr)` answers like hostmatch's."""
+
+    def __init__(self, uid, gid, drop=True, title="lookup"):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                ours.close()
+                status = _serve(theirs, uid, gid, drop, title)
+            finally:
+                os._exit(status)
+        theirs.close()
+        self.sock, self.pid = ours, pid
+        self.broken = False
+
+    def confirmed_name(self, addr):
+        """(name, spoofed); (None, False) and `broken` set when the helper fails."""
+        if not addr or self.broken:
+            return None, False
+        try:
+            self.sock.send(addr.encode("ascii"))
+            ready, _, _ = select.select([self.sock], [], [], WAIT)
+            reply = self.sock.recv(MAX_REPLY) if ready else b""
+        except OSError:
+            reply = b""
+        if not reply:
+            self.broken = True
+            return None, False
+        spoofed, _, name = reply.decode("ascii", "replace").partition(" ")
+        return (name or None), spoofed == "1"
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            self.broken = True
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)   # it may be waiting on a slow resolver
+            except OSError:
+                pass
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.pid = 0
+
+
+def _max_fd():
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (OSError, ValueError):
+        return 1 << 16
+
+
+def _serve(sock, uid, gid, drop, title):
+    """The helper: no chroot, the session's user, nothing open but its socket."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, _max_fd())
+    if drop:
+        privs.drop("/", uid, gid, chroot=False)
+    skeleton.set_title(title)
+    while True:
+        try:
+            request = sock.recv(MAX_REQUEST + 1)
+        except OSError:
+            return 1
+        if not request:
+            return 0
+        try:
+            text = request.decode("ascii")
+        except UnicodeError:
+            text = ""
+        if len(request) > MAX_REQUEST or hostmatch.normalize_address(text) != text:
+            answer = b"0 "
+        else:
+            name, spoofed = hostmatch.confirmed_name(text)
+            answer = ("%d %s" % (spoofed, name or "")).encode("ascii", "replace")[:MAX_REPLY]
+        sock.send(answer)
