@@ -10,6 +10,8 @@ and answers two questions for the jailed session child:
   reason differs), and records the outcome in the db file itself (bad-login
   count, lockout after `maxbad` for `badsleep`, last login), so counting
   survives the session's processes and cannot be skipped by the child.
+  A good login that would change nothing in the entry (no count to clear,
+  last login already this second) leaves the file alone.
 * `sign(timestamp)`: the digest of the upstream server's timestamp, for the
   one user verified in this session only, for a well-formed msg-id only,
   and a bounded number of times.
@@ -46,7 +48,8 @@ class Authority:
         login is written to the db only by finish(): serve() answers first,
         so the write overlaps the child's upstream connect (and is done
         before the child's next request, `sign`, is read).  A bad one is
-        always written before the answer."""
+        always written before the answer; a good one that would change
+        nothing in the entry is not written at all."""
         if not authdb.valid_name(name) or not apop.well_formed_digest(offered):
             return REFUSED, "malformed request"
         if self.database.refresh() and self.database.error:
@@ -72,7 +75,9 @@ class Authority:
             self.record(name, False)
         if reason is not None:
             return REFUSED, reason
-        if defer:
+        if unchanged_by_good_login(record, now):
+            pass        # the file already says what this login would write
+        elif defer:
             self.deferred = name
         else:
             self.record(name, True)
@@ -108,6 +113,15 @@ class Authority:
             return None
         self.signatures += 1
         return apop.digest(timestamp, record.secret)
+
+
+def unchanged_by_good_login(record, now):
+    """True when a good login would rewrite the entry as it is: no bad-login
+    count to clear and the last login already this second (the db keeps whole
+    seconds).  The entry is the copy verify() decided on, so skipping agrees
+    with the order of the decisions: a bad login counted by another session
+    after this check came after this good one and stays counted."""
+    return record.bad == 0 and record.last_login == int(now)
 
 
 def answer(authority, line):

@@ -2,6 +2,7 @@
 the db file, signing only for the verified user, and the bounded line
 protocol the jailed child uses to ask."""
 
+import os
 import socket
 import threading
 
@@ -42,6 +43,41 @@ def test_verify_records_outcomes_in_the_file_and_locks(tmp_path):
     later, _ = keeper(tmp_path / "x", now=5000, bob="s2")
     assert later.verify("bob", apop.digest(STAMP, "s2")) == ("ok", "")
     assert authdb.load(str(tmp_path / "x" / "auth"))[0]["bob"].last_login == 5000
+
+
+def test_a_good_login_that_changes_nothing_leaves_the_file_alone(tmp_path):
+    """A clean entry whose last login is already this second: no rewrite (the
+    file, its inode and mtime stay), deferred or not."""
+    auth, path = keeper(tmp_path, now=5000.7, bob="s2")
+    assert auth.verify("bob", apop.digest(STAMP, "s2")) == ("ok", "")   # writes last login
+    assert authdb.load(path)[0]["bob"].last_login == 5000
+    before = os.stat(path)
+    auth.database.refresh()
+    for defer in (False, True):
+        again = authority.Authority(auth.database, STAMP, 3, 600, QuietLog(),
+                                    clock=lambda: 5000.2)
+        assert again.verify("bob", apop.digest(STAMP, "s2"), defer=defer) == ("ok", "")
+        again.finish()
+        assert again.sign("<1.2@upstream.test>") == apop.digest("<1.2@upstream.test>", "s2")
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == \
+        (before.st_ino, before.st_mtime_ns, before.st_size)
+    # a second later the last login changes: written again
+    later = authority.Authority(auth.database, STAMP, 3, 600, QuietLog(), clock=lambda: 5001)
+    assert later.verify("bob", apop.digest(STAMP, "s2"), defer=True) == ("ok", "")
+    later.finish()
+    assert authdb.load(path)[0]["bob"].last_login == 5001
+
+
+def test_a_good_login_after_bad_ones_still_clears_the_count(tmp_path):
+    auth, path = keeper(tmp_path, now=5000, bob="s2")
+    auth.verify("bob", apop.digest(STAMP, "s2"))                  # last login: this second
+    assert auth.verify("bob", apop.digest(STAMP, "wrong")) == ("refused", "wrong secret")
+    assert authdb.load(path)[0]["bob"].bad == 1
+    assert auth.verify("bob", apop.digest(STAMP, "s2"), defer=True) == ("ok", "")
+    auth.finish()
+    user = authdb.load(path)[0]["bob"]
+    assert (user.bad, user.last_login) == (0, 5000)
 
 
 def test_unknown_and_malformed(tmp_path):
