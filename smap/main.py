@@ -6,7 +6,7 @@ spool is there, chroot to it and drop to userid, then run the SMTP session
 until it ends.  Everything needed after the chroot is imported before it.
 
 --daemon [ADDR:]PORT: listen; pre-forked session processes
-(common.skeleton.WorkerPool) each make sure of the spool, start a peer-name
+(common.workers.WorkerPool) each make sure of the spool, start a peer-name
 helper (common.lookup: the resolver needs /etc, which the jail lacks),
 chroot and drop to userid once, and then run the same path from "learn the
 peer" on for up to `maxuse` connections, one at a time, each with a new
@@ -140,8 +140,10 @@ def jail(config, before_chroot=None):
     return privs.drop(directory, uid, gid)
 
 
-class SessionWorker(skeleton.Worker):
-    """One pre-forked --daemon process: jailed once, then `connection` per client."""
+class SessionWorker:
+    """One pre-forked --daemon process: jailed once, then `connection` per
+    client (the interface of common.workers.Worker; not derived from it so
+    that inetd mode need not import that module)."""
 
     def __init__(self, config, logger):
         self.config, self.logger = config, logger
@@ -155,11 +157,10 @@ class SessionWorker(skeleton.Worker):
             self.ready = False
         if self.ready and not self.jailed:
             logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
-            self.start_lookup(None, None)
 
     def start_lookup(self, uid, gid):
         from common import lookup   # --daemon only: inetd mode must not pay for its imports
-        self.lookup = lookup.Lookup(uid, gid, drop=uid is not None, title="smap: resolver")
+        self.lookup = lookup.Lookup(uid, gid, title="smap: resolver")
 
     @property
     def exhausted(self):
@@ -229,13 +230,14 @@ def main(argv=None):
         # every connection.  (Callers that pass argv get a return instead.)
         os._exit(status)
     default_hostname()          # once, not in every child
-    from common import lookup   # noqa: F401  (imported once, before the workers fork)
+    # --daemon only (inetd mode must not pay for them), and before the workers fork
+    from common import lookup, workers  # noqa: F401  (lookup: for the workers)
     host, port = cli.parse_listen(options.daemon, 25)
     listener = skeleton.listen(host, port)
     if not options.foreground:
         skeleton.daemonize(keep_fds=[listener.fileno()] + ([logger.sock.fileno()] if logger.sock else []))
     logger.info("listen", addr=host, port=port)
-    server = skeleton.WorkerPool(
+    server = workers.WorkerPool(
         listener, lambda: SessionWorker(config, logger), logger,
         config.get("maxchildren"), config.get("maxuse"),
         busy_reply=b"421 4.3.2 Too many connections, try again later\r\n",
