@@ -19,11 +19,12 @@ import time
 from common.skeleton import signal_pipe, silence_stderr, set_title
 
 
-WORKER_IDLE, WORKER_BUSY = 0, 1
+WORKER_IDLE, WORKER_BUSY, WORKER_LEAVING = 0, 1, 2
 _STATUS = "=iB"                 # (pid, state): 5 bytes, one atomic pipe write
 WORKER_IDLE_EXIT = 100.0        # an idle worker leaves after this many seconds (Postfix max_idle)
 RESPAWN_PAUSE = 1.0             # after a worker that was not ready, wait this long
 NOT_READY = 3                   # the exit status of such a worker
+REFUSE_GRACE = 0.05             # seconds to wait for a slot before answering 421
 
 
 class Worker:
@@ -83,6 +84,13 @@ class WorkerPool:
     def idle(self):
         return sum(1 for state in self.workers.values() if state == WORKER_IDLE)
 
+    def active(self):
+        """Workers that hold or may take a connection (not those on their way out)."""
+        return sum(1 for state in self.workers.values() if state != WORKER_LEAVING)
+
+    def full(self):
+        return self.active() >= self.maxchildren and self.idle() == 0
+
     def run(self):
         wake_r, wake_w = signal_pipe()
         signal.signal(signal.SIGTERM, self._on_term)
@@ -101,11 +109,10 @@ class WorkerPool:
                 self.reap()
                 self.read_status()
                 now = time.monotonic()
-                while (len(self.workers) < self.maxchildren and self.idle() < self.spare
+                while (self.active() < self.maxchildren and self.idle() < self.spare
                        and now >= self.pause_until and not self.stopping):
                     self.spawn()
-                overflow = len(self.workers) >= self.maxchildren and self.idle() == 0
-                watched = [self.status_r, wake_r] + ([self.listener] if overflow else [])
+                watched = [self.status_r, wake_r] + ([self.listener] if self.full() else [])
                 timeout = 5.0 if now >= self.pause_until else self.pause_until - now
                 try:
                     ready, _, _ = select.select(watched, [], [], timeout)
@@ -114,8 +121,15 @@ class WorkerPool:
                 if wake_r in ready:
                     _drain(wake_r)
                 if self.listener in ready and not self.stopping:
+                    # A client that connects as soon as it has read the last
+                    # reply of the session before it often finds that session's
+                    # worker not yet idle or gone: give the workers a moment
+                    # to say so before answering 421.
+                    select.select([self.status_r], [], [], REFUSE_GRACE)
+                    self.reap()
                     self.read_status()
-                    self.refuse_one()
+                    if self.full():
+                        self.refuse_one()
         finally:
             signal.set_wakeup_fd(-1)
             self.listener.close()
@@ -258,6 +272,8 @@ class WorkerPool:
                     report(WORKER_IDLE)
             return 0
         finally:
+            # the parent may start a replacement now, before this one is reaped
+            report(WORKER_LEAVING)
             worker.close()
 
 

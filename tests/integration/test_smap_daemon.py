@@ -298,3 +298,21 @@ def test_sigterm_lets_the_busy_worker_finish_and_stops_the_rest(
         client.close()
     realpeers.wait_until(lambda: not title_of(busy), 10, what="the busy worker gone")
     assert len(contents(spool_dir)[0]) == 1
+
+
+def test_back_to_back_connections_never_hit_a_slot_still_being_freed(
+        tmp_path, spool_dir, daemon_factory):
+    # one slot, one connection per process: each next client arrives while the
+    # previous process is still on its way out, and must be served, not 421
+    daemon = daemon_factory(write_table(tmp_path / "table", spool_dir,
+                                        "smap: maxchildren 1", "smap: maxuse 1"))
+    pids = set()
+    for _ in range(15):
+        client = SmtpClient.connect("127.0.0.1", daemon.port)
+        try:
+            assert client.reply().startswith(b"220 "), client.received
+            pids.add(serving_worker(daemon))
+            assert client.command(b"QUIT\r\n") == b"221 2.0.0 Bye\r\n"
+        finally:
+            client.close()
+    assert len(pids) == 15          # maxuse 1: a process of its own each time
