@@ -1,8 +1,6 @@
-"""One pop3-gw connection, start to end (inetd mode and each daemon child).
+"""One pop3-gw connection, start to end (inetd mode and each daemon session).
 
-The process that gets the connection on fd 0/1 is root.  It learns the
-peer, applies the source-host rules, makes sure the auth db copy is
-current, then splits in two:
+Every session is a pair of processes that serves one client and ends:
 
 * the session child chroots to `directory`, drops to `userid`/`groupid`
   (common.privs, verified) and does everything the client can influence:
@@ -16,12 +14,23 @@ current, then splits in two:
   the db file, so they persist across sessions and processes).  The monitor
   trusts nothing the child says: every request is a bounded line,
   re-checked, and their number is bounded.
-"""
 
+The monitor forks the child, which jails itself and waits, before it reads
+the auth db (so the child never had a secret in its memory), and only then
+hands it the client: a `go` line with the client's descriptor, its peer and
+the banner's timestamp; end of file instead means there is no client, and
+the child exits.  Under inetd the process that got the connection on fd 0/1
+learns the peer and applies the source-host rules first, then makes the
+pair (`connection`).  The daemon makes the pair ahead (`standby`, see
+pop3gw.main): its monitor waits for the one connection the daemon passes
+it, then does exactly what inetd mode does from the host rules on.  The
+child trusts its monitor (root) and nothing else.
+"""
 import os
 import socket
 import stat
 import time
+import urllib.parse
 
 from common import apop, hostmatch, lineio, privs, skeleton
 from pop3gw import authority, relay, session, upstream
@@ -59,9 +68,18 @@ def settings_of(config):
 
 
 def connection(context):
-    """Run one connection on fd 0/1; returns the exit status."""
-    config, logger = context.config, context.logger
+    """Run one connection on fd 0/1 (inetd mode); returns the exit status."""
     started = time.monotonic()
+    peer = admit(context)
+    if peer is None:
+        return 0
+    return SessionPair(context).run(peer, started)
+
+
+def admit(context):
+    """The client's Peer when the source-host rules let it in; else None,
+    after answering and closing (the client is on fd 0/1)."""
+    config, logger = context.config, context.logger
     sock = skeleton.peer_of_fd(0)
     peer = hostmatch.peer_of_socket(sock) if sock is not None else hostmatch.Peer()
     if sock is not None:
@@ -76,40 +94,103 @@ def connection(context):
                       reason="no permit-hosts rule for this host")
         send(b"-ERR [SYS/PERM] access denied for this host\r\n")
         linger_close()
+        return None
+    return peer
+
+
+def standby(context, control):
+    """A daemon's session pair made before its connection arrives (root, fd
+    0/1 on /dev/null): it serves the one connection the daemon passes on
+    `control` and then exits; end of file there means it is not needed."""
+    pair = SessionPair(context, close_in_child=control)
+    try:
+        _, fds, _, _ = socket.recv_fds(control, 16, 1)
+    except OSError:
+        fds = []
+    control.close()
+    if not fds:
+        pair.cancel()
         return 0
-    directory = config.get("directory")
-    if not prepare_directory(directory, logger):
-        send(b"-ERR [SYS/TEMP] gateway misconfigured, try again later\r\n")
-        return 1
-    settings = settings_of(config)
-    timestamp = apop.make_timestamp(settings.hostname)
-    monitor_end, child_end = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        monitor_end.close()
-        status = 1
+    started = time.monotonic()
+    os.dup2(fds[0], 0)
+    os.dup2(fds[0], 1)
+    for fd in fds:
+        os.close(fd)
+    # From here exactly the inetd path, with the pair already made.
+    peer = admit(context)
+    if peer is None:
+        pair.cancel()
+        return 0
+    return pair.run(peer, started)
+
+
+class SessionPair:
+    """One session's two processes, made before the client has spoken: this
+    process stays root and becomes the monitor; the child it forks jails
+    itself at once and waits for its one client (`run`) or the end (`cancel`)."""
+
+    def __init__(self, context, close_in_child=None):
+        self.context = context
+        config = context.config
+        self.settings = settings_of(config)
+        self.pid = None
+        if not prepare_directory(config.get("directory"), context.logger):
+            return
+        monitor_end, child_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            monitor_end.close()
+            if close_in_child is not None:
+                close_in_child.close()      # the daemon's hand-over is for the monitor
+            status = 1
+            try:
+                status = jailed_child(config, context.logger, self.settings, child_end)
+            finally:
+                os._exit(status)
+        child_end.close()
+        self.pid, self.link = pid, monitor_end
+        # Read only now, after the fork: the jailed child never had the secrets
+        # in its memory.  Each session reads the file and stats it again before
+        # every decision: a change needs no signal.
+        if context.database.reload():
+            context.logger.error("authfile", reason=context.database.error)
+
+    def cancel(self):
+        if self.pid is not None:
+            self.link.close()
+            os.waitpid(self.pid, 0)
+            self.pid = None
+
+    def run(self, peer, started):
+        """The monitor's part of the session of the client on fd 0/1."""
+        context = self.context
+        config, logger = context.config, context.logger
+        if self.pid is None:
+            send(b"-ERR [SYS/TEMP] gateway misconfigured, try again later\r\n")
+            return 1
+        timestamp = apop.make_timestamp(self.settings.hostname)
+        go = "go %s %s %s %d %.6f\n" % (timestamp, peer.addr or "-",
+                                        urllib.parse.quote(peer.name or "-", safe=""),
+                                        peer.spoofed, started)
         try:
-            status = jailed_session(config, logger, settings, peer, timestamp, child_end,
-                                    started)
-        finally:
-            os._exit(status)
-    child_end.close()
-    # The monitor gives up the client's connection: it ends with the child.
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-    skeleton.set_title("pop3-gw: monitor %s" % peer.addr_text)
-    # Read only now, after the fork: the jailed child never had the secrets
-    # in its memory.  Every session reads the current file: a change needs no signal.
-    if context.database.reload():
-        logger.error("authfile", reason=context.database.error)
-    keeper = authority.Authority(context.database, timestamp, config.get("maxbad"),
-                                 config.get("badsleep"), logger)
-    authority.serve(monitor_end, keeper, resolve_request, logger)
-    monitor_end.close()
-    _, status = os.waitpid(pid, 0)
-    return 0 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else 1
+            socket.send_fds(self.link, [go.encode("ascii")], [0])
+        except OSError:
+            logger.error("session", addr=peer.addr_text, reason="the session child is gone")
+            send(b"-ERR [SYS/TEMP] gateway error, try again later\r\n")
+            self.cancel()
+            return 1
+        # The monitor gives up the client's connection: it ends with the child.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        skeleton.set_title("pop3-gw: monitor %s" % peer.addr_text)
+        keeper = authority.Authority(context.database, timestamp, config.get("maxbad"),
+                                     config.get("badsleep"), logger)
+        authority.serve(self.link, keeper, resolve_request, logger)
+        self.link.close()
+        _, status = os.waitpid(self.pid, 0)
+        return 0 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else 1
 
 
 def send(data):
@@ -175,12 +256,45 @@ def linger_close():
         sock.close()
 
 
-def jailed_session(config, logger, settings, peer, timestamp, link_socket, started):
-    """The client's whole session, jailed: it holds no secret, only the link."""
-    link = authority.MonitorLink(link_socket)
+GO_LIMIT = 1024
+
+
+def jailed_child(config, logger, settings, link_socket):
+    """Jail and drop at once, then wait for the monitor's `go` with the
+    client's descriptor (end of file: no client, exit quietly)."""
     uid, gid, _ = privs.user_and_group(config)
     if not privs.drop(config.get("directory"), uid, gid):
         logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
+    data, fds = b"", []
+    while not data.endswith(b"\n") and len(data) < GO_LIMIT:
+        try:
+            chunk, more, _, _ = socket.recv_fds(link_socket, GO_LIMIT, 1)
+        except OSError:
+            chunk, more = b"", []
+        fds += more
+        if not chunk:
+            break
+        data += chunk
+    words = data.decode("ascii", "replace").split()
+    if len(fds) != 1 or len(words) != 6 or words[0] != "go":
+        for fd in fds:
+            os.close(fd)
+        return 0
+    os.dup2(fds[0], 0)
+    os.dup2(fds[0], 1)
+    os.close(fds[0])
+    _, timestamp, addr, name, spoofed, started = words
+    name = urllib.parse.unquote(name)
+    peer = hostmatch.Peer(None if addr == "-" else addr, None if name == "-" else name,
+                          spoofed == "1")
+    skeleton.set_title("pop3-gw: %s" % peer.addr_text)
+    return jailed_session(config, logger, settings, peer, timestamp, link_socket,
+                          float(started))
+
+
+def jailed_session(config, logger, settings, peer, timestamp, link_socket, started):
+    """The client's whole session, jailed: it holds no secret, only the link."""
+    link = authority.MonitorLink(link_socket)
     channel = lineio.Channel(0, 1)
     pop = session.Session(settings, peer, link, timestamp, logger)
     timeout = config.get("timeout")

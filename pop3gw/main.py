@@ -3,15 +3,21 @@
 inetd mode (no mode argument): the client is on fd 0/1 and fd 2 is silenced
 at once.  `--daemon [ADDR:]PORT` (default port 110): listen, detach with
 python-daemon unless `-F`, write the pid file (`--pidfile`, default
-/run/pop3-gw.pid), and fork one child per connection that runs exactly the
-inetd path (pop3gw.gateway).  SIGHUP re-reads the table and checks the
-auth db; every session's root monitor reads the db file itself, so a change
-by authmgr needs no signal; SIGTERM stops accepting.  Every module the jailed children need
-is imported here, before any chroot.
+/run/pop3-gw.pid), and pass each connection to a session pair forked for
+it ahead of time (a "standby", see Server), which runs the inetd path from
+the host rules on (pop3gw.gateway) and serves no other connection.  SIGHUP
+re-reads the table, checks the auth db and replaces the standby; every
+session's root monitor reads the db file itself, so a change by authmgr
+needs no signal; SIGTERM stops accepting.  Every module the jailed children
+need is imported here, before any chroot.
 """
 
 import encodings.idna  # noqa: F401  (socket imports it lazily; not in the chroot)
+import errno
+import os
+import socket
 import sys
+import time
 
 from common import authdb, cli, log, netperm, skeleton
 from pop3gw import gateway
@@ -29,13 +35,36 @@ PROGRAM = "pop3-gw"
 DEFAULT_PIDFILE = "/run/pop3-gw.pid"
 
 
+class Standby:
+    """The daemon's view of a standby session pair: its pid and the socket
+    on which it gets its one connection."""
+
+    def __init__(self, pid, control):
+        self.pid, self.control = pid, control
+        self.since = time.monotonic()
+
+
 class Server(skeleton.Daemon):
-    """The accept loop; SIGHUP re-reads the table and checks the auth db."""
+    """The accept loop; SIGHUP re-reads the table and checks the auth db.
+
+    Each connection goes to a standby: a session pair (gateway.standby)
+    forked before the connection arrived, so the two forks, the jail and the
+    db read are off the client's wait.  A standby serves one connection
+    only; the next is forked just after the hand-over, while the client
+    talks to the one before.  It counts against `maxchildren` like a
+    session, is made again after SIGHUP so it never serves with an old
+    table, and is ended after STANDBY_IDLE seconds without a connection
+    (a quiet gateway keeps only its sessions' processes)."""
+
+    STANDBY_IDLE = 2.0
 
     def __init__(self, listener, context, options, **kwargs):
-        super().__init__(listener, lambda: gateway.connection(context), context.logger,
+        # no per-connection handler: accept_one passes every connection to a standby
+        super().__init__(listener, None, context.logger,
                          context.config.get("maxchildren"), on_reload=self.reload_all, **kwargs)
         self.context, self.options = context, options
+        self.standby = None
+        self.wake = None
 
     def reload_all(self):
         config = netperm.load(self.options.config, PROGRAM)
@@ -47,6 +76,113 @@ class Server(skeleton.Daemon):
             self.maxchildren = config.get("maxchildren")
             self.context.database = authdb.Cache(config.get("authfile"))
         self.log.info("reload", **check_database(self.context.database))
+        if self.standby is not None:
+            self.retire_standby()
+            self.make_standby()
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            self.retire_standby()
+
+    def reap(self):
+        super().reap()
+        standby = self.standby
+        if standby is not None and (standby.pid not in self.children
+                                    or time.monotonic() - standby.since > self.STANDBY_IDLE):
+            self.retire_standby()
+
+    def retire_standby(self):
+        """End of file on its control socket: it cancels its pair and exits."""
+        if self.standby is not None:
+            self.standby.control.close()
+            self.standby = None
+
+    def make_standby(self, connection=None):
+        """Fork the next standby (`connection`: the socket the daemon holds
+        now, which the standby must not keep: it gets it passed like any other)."""
+        if self.wake is None or self.stopping or len(self.children) >= self.maxchildren:
+            return
+        ours, theirs = socket.socketpair()
+        try:
+            pid = os.fork()
+        except OSError as err:
+            self.log.error("fork", reason=err.strerror)
+            ours.close()
+            theirs.close()
+            return
+        if pid:
+            theirs.close()
+            self.children.add(pid)
+            self.standby = Standby(pid, ours)
+            return
+        import signal
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            for fd in self.wake:
+                os.close(fd)
+            self.listener.close()
+            ours.close()
+            if connection is not None:
+                connection.close()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+            skeleton.silence_stderr()
+            skeleton.set_title("pop3-gw: standby")
+            status = gateway.standby(self.context, theirs) or 0
+        except SystemExit as done:
+            status = done.code if isinstance(done.code, int) else 0
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+
+    def accept_one(self, wake_r, wake_w):
+        self.wake = (wake_r, wake_w)
+        try:
+            conn, _ = self.listener.accept()
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                self.log.error("accept", reason=err.strerror)
+            return
+        handed = False
+        try:
+            for _ in range(2):      # a standby that died unused is replaced once
+                if self.standby is None:
+                    if len(self.children) >= self.maxchildren:
+                        self.reap()     # a child that just ended still counts until reaped
+                    self.make_standby(conn)
+                if self.standby is None:
+                    break
+                standby, self.standby = self.standby, None
+                try:
+                    socket.send_fds(standby.control, [b"c"], [conn.fileno()])
+                    handed = True
+                    break
+                except OSError:
+                    continue
+                finally:
+                    standby.control.close()
+            if not handed:
+                self.log.warning("busy", children=len(self.children),
+                                 reason="maxchildren reached" if len(self.children)
+                                 >= self.maxchildren else "no session process")
+                try:
+                    conn.setblocking(False)
+                    conn.send(self.busy_reply)
+                except OSError:
+                    pass
+        finally:
+            conn.close()
+        if handed:
+            # only now: the next standby must not inherit this client's socket
+            self.make_standby()
 
 
 def check_database(database):

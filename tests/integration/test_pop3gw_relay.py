@@ -125,8 +125,13 @@ def test_session_child_is_jailed_and_unprivileged(setup, gateway):
     daemon = gateway
     client = helpers.Client(daemon.port)
     assert client.line().startswith(b"+OK")                 # the child is jailed by now
-    children = helpers.session_children(daemon.proc.pid)
-    jailed = helpers.jailed_children(daemon.proc.pid)
+    # the daemon forks the next session's pair ahead (titled "standby"):
+    # it is held to the same rules, but it is not this client's session
+    standby = realpeers.wait_until(lambda: standby_pair(daemon.proc.pid), 10,
+                                   what="the next session's standby pair")
+    children = [pid for pid in helpers.session_children(daemon.proc.pid)
+                if pid not in standby]
+    jailed = [pid for pid in helpers.jailed_children(daemon.proc.pid) if pid not in standby]
     assert len(jailed) == 1, children
     status = helpers.status_of(jailed[0])
     assert status["Gid"].split() == ["65534"] * 4
@@ -140,7 +145,40 @@ def test_session_child_is_jailed_and_unprivileged(setup, gateway):
     for fd in (0, 1):
         assert os.readlink("/proc/%d/fd/%d" % (monitors[0], fd)) == "/dev/null"
     assert status_uid(monitors[0]) == "0"
+    # no other descriptor of it either, in the monitor or in the standby
+    connection = os.readlink("/proc/%d/fd/0" % jailed[0])
+    assert connection.startswith("socket:")
+    for pid in monitors + standby:
+        assert connection not in fd_targets(pid), pid
+    assert fd_targets(jailed[0]).count(connection) == 2         # fd 0 and 1 only
+    # the standby: a root monitor with no client and a child already jailed
+    standby_jailed = [pid for pid in standby if status_uid(pid) == "65534"]
+    assert len(standby_jailed) == 1, standby
+    assert os.readlink("/proc/%d/root" % standby_jailed[0]) == str(setup.chroot)
+    assert helpers.status_of(standby_jailed[0])["Uid"].split() == ["65534"] * 4
+    for pid in standby:
+        for fd in (0, 1):
+            assert os.readlink("/proc/%d/fd/%d" % (pid, fd)) == "/dev/null"
     client.command(b"QUIT")
+
+
+def fd_targets(pid):
+    return [os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%d/fd" % pid)]
+
+
+def standby_pair(daemon_pid):
+    """The pids of the standby monitor and its jailed child, once both exist."""
+    found = [pid for pid in helpers.session_children(daemon_pid)
+             if title_of(pid).startswith(b"pop3-gw: standby")]
+    return found if len(found) == 2 else None
+
+
+def title_of(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            return cmdline.read()
+    except OSError:
+        return b""
 
 
 def status_uid(pid):
