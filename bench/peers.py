@@ -149,15 +149,17 @@ class Env:
     def _start_smap(self):
         info = self.get("smap_table")
         port = rp.free_port()
-        proc = rp.Proc([VENV_BIN / "smap", "-c", info["table"], "--daemon",
+        # started as `make install` starts it (-IS wrapper), not through the
+        # editable install's console script, which imports importlib.metadata
+        proc = rp.Proc([self.launcher("install"), "-c", info["table"], "--daemon",
                         "%s:%d" % (LOOPBACK, port), "-F"], new_session=True,
                        log=self.dir("smap") / "daemon.out")
         self.stack.callback(proc.stop)
         rp.wait_for_listen(LOOPBACK, port)
         return {"port": port, "pid": proc.pid, **info}
 
-    def launcher(self, kind):
-        """A start-up script for smap, like the ones inetd would run:
+    def launcher(self, kind, program="smap"):
+        """A start-up script for smap (or pop3-gw), like the ones inetd would run:
 
         install  exactly what `make install` writes to SBINDIR (#!PYTHON -IS,
                  one word: a shebang passes one argument; the library
@@ -171,17 +173,19 @@ class Env:
         venv     .venv/bin/smap, the console script of the editable install.
         """
         if kind == "venv":
-            return str(VENV_BIN / "smap")
-        path = self.dir("launchers") / ("smap-" + kind)
+            return str(VENV_BIN / program)
+        module = {"smap": "smap.main", "pop3-gw": "pop3gw.main"}[program]
+        path = self.dir("launchers") / ("%s-%s" % (program, kind))
         python = str(VENV_BIN / "python")
         if kind == "site":
             text = ("#!%s -I\nimport sys\nsys.path.insert(0, %r)\n"
-                    "from smap.main import main\nsys.exit(main())\n" % (python, str(ROOT)))
+                    "from %s import main\nsys.exit(main())\n" % (python, str(ROOT), module))
         else:
             site = "%s/lib/python%d.%d/site-packages" % (VENV_BIN.parent, *__import__("sys")
                                                          .version_info[:2])
             text = ("#!%s -IS\nimport sys\nsys.path.insert(0, %r)\nsys.path.append(%r)\n"
-                    "from smap.main import main\nsys.exit(main())\n" % (python, str(ROOT), site))
+                    "from %s import main\nsys.exit(main())\n"
+                    % (python, str(ROOT), site, module))
         path.write_text(text)
         os.chmod(path, 0o755)
         return str(path)
@@ -326,7 +330,7 @@ mail {
                                    timeout=30)
                 if r.returncode != 0 and argv[3] != "enable":
                     raise NotMeasured("authmgr %s failed: %s" % (argv[3], r.stderr.strip()[:200]))
-        proc = rp.Proc([VENV_BIN / "pop3-gw", "-c", table, "--daemon",
+        proc = rp.Proc([self.launcher("install", "pop3-gw"), "-c", table, "--daemon",
                         "%s:%d" % (LOOPBACK, port), "-F", "--pidfile", work / "pop3-gw.pid"],
                        new_session=True, log=work / "pop3-gw.out")
         self.stack.callback(proc.stop)

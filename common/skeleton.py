@@ -2,10 +2,12 @@
 
 inetd mode: the client is on fd 0 and fd 1, and fd 2 is very often the same
 socket, so fd 2 is pointed at /dev/null before anything can write to it.
---daemon mode: listen, fork one child per connection, make the connection
-the child's fd 0/1 and run exactly the inetd-mode path; the parent reaps
-its children, bounds their number and answers SIGTERM (stop accepting) and
-SIGHUP (the program's reload hook).  The skeleton trusts its caller's
+Daemon, the forking accept loop (pop3-gw's, which hands each connection
+to a session pair forked ahead): listen, fork one child per connection,
+make the connection the child's fd 0/1 and run exactly the inetd-mode
+path; the parent reaps its children, bounds their number and answers
+SIGTERM (stop accepting) and SIGHUP (the program's reload hook).  smap's
+--daemon uses common.workers instead (pre-forked, reused processes).  The skeleton trusts its caller's
 handler to drop privileges; it never does work for a client itself.
 """
 

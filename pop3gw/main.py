@@ -24,7 +24,7 @@ from pop3gw import gateway
 
 USAGE = """usage: pop3-gw [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F] [--pidfile PATH]] [--version]
   no mode argument: inetd mode, the client on fd 0/1
-  --daemon [ADDR:]PORT  listen (default port 110) and fork one child per connection
+  --daemon [ADDR:]PORT  listen (default port 110); each session gets its own processes
   -F                    with --daemon: stay in the foreground
   --pidfile PATH        with --daemon: the pid file (default /run/pop3-gw.pid)
   -c, --config TABLE    the netperm-table (default /etc/mailwall/netperm-table)

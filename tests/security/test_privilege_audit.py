@@ -8,7 +8,8 @@ All programs run at once, as root starts them in production:
   `slow…` recipient, so the scanner, the agent, the delivering worker and
   the MTA all exist at the same moment);
 * pop3-gw --daemon with a client connected (the per-connection monitor and
-  the jailed session child).
+  the jailed session child; and the pair forked ahead for the next
+  connection, if it is there yet).
 
 For each process /proc/PID/status gives the real, effective, saved and
 file-system uid and gid and the supplementary groups, and /proc/PID/root
@@ -159,7 +160,10 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
             assert 0 not in ids(pid)["Uid"], title_of(pid)
         def pop_roles():
             # the monitor renames itself just after the fork: wait for that
-            found = pop3_helpers.session_children(pop_daemon.proc.pid)
+            # (the next session's pair, forked ahead, is titled "standby" until
+            # it gets a connection; it is audited below when it is there)
+            found = [p for p in pop3_helpers.session_children(pop_daemon.proc.pid)
+                     if not title_of(p).startswith("pop3-gw: standby")]
             monitors = [p for p in found if title_of(p).startswith("pop3-gw: monitor")]
             sessions = [p for p in found if p not in monitors]
             return (sessions, monitors) if len(sessions) == len(monitors) == 1 else None
@@ -170,6 +174,13 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
         # has its own banner's timestamp (the scan works) but no secret.
         assert memory_holds(sessions[0], pop_greeting.split()[-1])
         assert not memory_holds(sessions[0], b"alicesecret")
+        for pid in pop3_helpers.session_children(pop_daemon.proc.pid):
+            if title_of(pid).startswith("pop3-gw: standby"):
+                if ids(pid)["Uid"] == [0] * 4:      # its monitor, not yet given a client
+                    assert root_of(pid) == "/"
+                else:
+                    assert_jailed(pid, nobody.pw_uid, nogroup, pop_setup.chroot,
+                                  "pop3-gw standby session")
         for pid in (pop_daemon.proc.pid, monitors[0]):
             assert root_of(pid) == "/"
             audited[title_of(pid)[:40]] = pid
