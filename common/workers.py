@@ -207,10 +207,12 @@ class WorkerPool:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
-        state = {"busy": False, "stop": False}
+        state = {"busy": False, "stop": False, "worker": None}
 
         def on_term(signum, frame):
             if not state["busy"]:
+                if state["worker"] is not None:
+                    state["worker"].close()
                 os._exit(0)             # waiting in accept: nothing to lose
             state["stop"] = True
             # the port must close now, not when this connection ends: the
@@ -229,7 +231,11 @@ class WorkerPool:
         def report(worker_state):
             os.write(self.status_w, struct.pack(_STATUS, me, worker_state))
 
-        worker = self.prepare()
+        try:
+            worker = state["worker"] = self.prepare()
+        except Exception as err:    # a bug, not a set-up the worker could report
+            self.log.error("setup", reason="%s: %s" % (type(err).__name__, err))
+            return NOT_READY
         try:
             waiter = select.epoll()
             # EPOLLEXCLUSIVE: one new connection wakes one idle worker, not all of them.
@@ -272,8 +278,10 @@ class WorkerPool:
                     report(WORKER_IDLE)
             return 0
         finally:
-            # the parent may start a replacement now, before this one is reaped
-            report(WORKER_LEAVING)
+            if worker.ready:
+                # the parent may start a replacement now, before this one is
+                # reaped (one that was not ready is paced by its exit status)
+                report(WORKER_LEAVING)
             worker.close()
 
 
