@@ -108,6 +108,64 @@ def signal_pipe():
     return wake_read, wake_write
 
 
+def accept(listener, log):
+    """The next connection on listener, or None when there is none after all
+    (another process took it, or the client went away); other errors are
+    logged."""
+    try:
+        conn, _ = listener.accept()
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+            log.error("accept", reason=err.strerror)
+        return None
+    return conn
+
+
+def refuse(conn, reply):
+    """Answer a connection that will not be served, never blocking, and close it."""
+    try:
+        conn.setblocking(False)
+        conn.send(reply)
+    except OSError:
+        pass
+    conn.close()
+
+
+def reap_children(ended):
+    """ended(pid, wait status) for each child that has ended (never waits);
+    False when the process has no child left at all."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+        ended(pid, status)
+
+
+def reset_child_signals():
+    """In a freshly forked child: the parent's signal handlers and wakeup fd off."""
+    import signal
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def run_child(body):
+    """In a forked child: run body() and leave with its status (None is 0,
+    an exception 1); never returns into the parent's code."""
+    status = 1
+    try:
+        status = body() or 0
+    except SystemExit as done:
+        status = done.code if isinstance(done.code, int) else 0
+    except BaseException:
+        status = 1
+    finally:
+        os._exit(status)
+
+
 class Daemon:
     """The forking accept loop."""
 
@@ -131,15 +189,8 @@ class Daemon:
         self.reload = True
 
     def reap(self):
-        while self.children:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.children.clear()
-                return
-            if pid == 0:
-                return
-            self.children.discard(pid)
+        if self.children and not reap_children(lambda pid, status: self.children.discard(pid)):
+            self.children.clear()
 
     def run(self):
         import signal
@@ -176,35 +227,24 @@ class Daemon:
         self.log.info("stop", children=len(self.children))
 
     def accept_one(self, wake_r, wake_w):
-        try:
-            conn, _ = self.listener.accept()
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
-                self.log.error("accept", reason=err.strerror)
+        conn = accept(self.listener, self.log)
+        if conn is None:
             return
         if len(self.children) >= self.maxchildren:
             self.reap()         # a child that just ended still counts until reaped
         if len(self.children) >= self.maxchildren:
             self.log.warning("busy", children=len(self.children), reason="maxchildren reached")
-            try:
-                conn.setblocking(False)
-                conn.send(self.busy_reply)
-            except OSError:
-                pass
-            conn.close()
+            refuse(conn, self.busy_reply)
             return
         pid = os.fork()
         if pid:
             self.children.add(pid)
             conn.close()
             return
-        # The child: exactly the inetd-mode path from here on.
-        import signal
-        status = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(signum, signal.SIG_DFL)
+
+        def child():
+            # exactly the inetd-mode path from here on
+            reset_child_signals()
             os.close(wake_r)
             os.close(wake_w)
             self.listener.close()
@@ -212,13 +252,8 @@ class Daemon:
             os.dup2(conn.fileno(), 1)
             conn.close()
             silence_stderr()
-            status = self.handle() or 0
-        except SystemExit as done:
-            status = done.code if isinstance(done.code, int) else 0
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)
+            return self.handle()
+        run_child(child)
 
 
 def daemonize(pidfile=None, keep_fds=()):

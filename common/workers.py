@@ -9,13 +9,13 @@ itself when all `maxchildren` are busy.  Each worker is jailed by the
 caller's `prepare()` before it accepts its first connection.
 """
 
-import errno
 import os
 import select
 import signal
 import struct
 import time
 
+from common import skeleton
 from common.skeleton import signal_pipe, silence_stderr, set_title
 
 
@@ -158,55 +158,32 @@ class WorkerPool:
                     self.workers[pid] = state
 
     def reap(self):
-        while self.workers:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.workers.clear()
-                return
-            if pid == 0:
-                return
-            if self.workers.pop(pid, None) is not None \
-                    and os.waitstatus_to_exitcode(status) == NOT_READY:
-                # A worker that could not jail itself is not replaced at
-                # once: a broken set-up must not become a fork loop.
-                self.pause_until = time.monotonic() + RESPAWN_PAUSE
+        if self.workers and not skeleton.reap_children(self.ended):
+            self.workers.clear()
+
+    def ended(self, pid, status):
+        if self.workers.pop(pid, None) is not None \
+                and os.waitstatus_to_exitcode(status) == NOT_READY:
+            # A worker that could not jail itself is not replaced at once:
+            # a broken set-up must not become a fork loop.
+            self.pause_until = time.monotonic() + RESPAWN_PAUSE
 
     def refuse_one(self):
         """All maxchildren workers are busy: the parent answers busy_reply."""
-        try:
-            conn, _ = self.listener.accept()
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
-                self.log.error("accept", reason=err.strerror)
-            return
-        self.log.warning("busy", children=len(self.workers), reason="maxchildren reached")
-        try:
-            conn.setblocking(False)
-            conn.send(self.busy_reply)
-        except OSError:
-            pass
-        conn.close()
+        conn = skeleton.accept(self.listener, self.log)
+        if conn is not None:
+            self.log.warning("busy", children=len(self.workers), reason="maxchildren reached")
+            skeleton.refuse(conn, self.busy_reply)
 
     def spawn(self):
         pid = os.fork()
         if pid:
             self.workers[pid] = WORKER_IDLE     # counts as a spare while it starts
             return
-        status = 1
-        try:
-            status = self.worker_main()
-        except SystemExit as done:
-            status = done.code if isinstance(done.code, int) else 0
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)
+        skeleton.run_child(self.worker_main)
 
     def worker_main(self):
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+        skeleton.reset_child_signals()
         state = {"busy": False, "stop": False, "worker": None}
 
         def on_term(signum, frame):

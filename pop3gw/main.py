@@ -13,7 +13,6 @@ need is imported here, before any chroot.
 """
 
 import encodings.idna  # noqa: F401  (socket imports it lazily; not in the chroot)
-import errno
 import os
 import socket
 import sys
@@ -117,12 +116,9 @@ class Server(skeleton.Daemon):
             self.children.add(pid)
             self.standby = Standby(pid, ours)
             return
-        import signal
-        status = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(signum, signal.SIG_DFL)
+
+        def child():
+            skeleton.reset_child_signals()
             for fd in self.wake:
                 os.close(fd)
             self.listener.close()
@@ -135,21 +131,13 @@ class Server(skeleton.Daemon):
             os.close(devnull)
             skeleton.silence_stderr()
             skeleton.set_title("pop3-gw: standby")
-            status = gateway.standby(self.context, theirs) or 0
-        except SystemExit as done:
-            status = done.code if isinstance(done.code, int) else 0
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)
+            return gateway.standby(self.context, theirs)
+        skeleton.run_child(child)
 
     def accept_one(self, wake_r, wake_w):
         self.wake = (wake_r, wake_w)
-        try:
-            conn, _ = self.listener.accept()
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
-                self.log.error("accept", reason=err.strerror)
+        conn = skeleton.accept(self.listener, self.log)
+        if conn is None:
             return
         handed = False
         try:
@@ -173,11 +161,7 @@ class Server(skeleton.Daemon):
                 self.log.warning("busy", children=len(self.children),
                                  reason="maxchildren reached" if len(self.children)
                                  >= self.maxchildren else "no session process")
-                try:
-                    conn.setblocking(False)
-                    conn.send(self.busy_reply)
-                except OSError:
-                    pass
+                skeleton.refuse(conn, self.busy_reply)
         finally:
             conn.close()
         if handed:

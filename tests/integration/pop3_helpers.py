@@ -233,6 +233,23 @@ def run(argv, **kwargs):
                           cwd=str(ROOT), **kwargs)
 
 
+def title_of(pid):
+    """A process's title (its cmdline, raw), b"" when it is gone."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            return cmdline.read()
+    except OSError:
+        return b""
+
+
+def standby_pair(daemon_pid):
+    """The pids of the standby monitor and its jailed child (sorted: the
+    monitor forks the child), once both exist; else None."""
+    found = [pid for pid in session_children(daemon_pid)
+             if title_of(pid).startswith(b"pop3-gw: standby")]
+    return sorted(found) if len(found) == 2 else None
+
+
 def session_children(daemon_pid):
     """pids of the daemon's descendants (from /proc), grandchildren included."""
     found, frontier = [], [daemon_pid]

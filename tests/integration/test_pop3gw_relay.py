@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration import pop3_helpers as helpers
 from tests.integration import realpeers
+from tests.integration.pop3_helpers import standby_pair, title_of
 from tests.integration.pop3_helpers import (  # noqa: F401  (fixtures)
     close_clients, dovecot, gateway, setup, shared_dir)
 
@@ -164,21 +165,6 @@ def test_session_child_is_jailed_and_unprivileged(setup, gateway):
 
 def fd_targets(pid):
     return [os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%d/fd" % pid)]
-
-
-def standby_pair(daemon_pid):
-    """The pids of the standby monitor and its jailed child, once both exist."""
-    found = [pid for pid in helpers.session_children(daemon_pid)
-             if title_of(pid).startswith(b"pop3-gw: standby")]
-    return found if len(found) == 2 else None
-
-
-def title_of(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
-            return cmdline.read()
-    except OSError:
-        return b""
 
 
 def status_uid(pid):

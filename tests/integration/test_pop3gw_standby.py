@@ -9,24 +9,11 @@ import pytest
 
 from tests.integration import pop3_helpers as helpers
 from tests.integration import realpeers
+from tests.integration.pop3_helpers import standby_pair, title_of
 from tests.integration.pop3_helpers import (  # noqa: F401  (fixtures)
     close_clients, dovecot, gateway, setup, shared_dir)
 
 pytestmark = pytest.mark.integration
-
-
-def title_of(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
-            return cmdline.read()
-    except OSError:
-        return b""
-
-
-def standby_pair(daemon_pid):
-    found = [pid for pid in helpers.session_children(daemon_pid)
-             if title_of(pid).startswith(b"pop3-gw: standby")]
-    return sorted(found) if len(found) == 2 else None
 
 
 def no_standby(daemon_pid):
