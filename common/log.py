@@ -1,7 +1,8 @@
 """syslog logging (DESIGN §9): one event a line, key=value fields.
 
 The datagram socket is opened before any chroot and kept open, so a jailed
-process can still log.  Messages go only to that socket, never to stderr:
+process can still log; when a send fails (syslogd was restarted and its
+socket replaced), the path is connected again and the line sent once more.  Messages go only to that socket, never to stderr:
 in inetd mode fd 2 is the client's connection.  A foreground daemon may
 also echo to stderr when asked (`-F` from a terminal).  Values are
 sanitised so that nothing a client sends can forge a second log line.
@@ -77,19 +78,32 @@ class Log:
             self.sock.close()
             self.sock = None
 
+    def send(self, data):
+        """True when the line went out (or there is no socket to try)."""
+        if self.sock is None:
+            return True
+        try:
+            if self.kind == _socket.SOCK_STREAM:
+                self.sock.sendall(data + b"\0")
+            else:
+                self.sock.send(data)
+        except OSError:
+            return False
+        return True
+
     def emit(self, priority, text):
         stamp = time.strftime("%b %d %H:%M:%S")
         message = "<%d>%s %s[%d]: %s" % (self.facility * 8 + priority, stamp,
                                          self.ident, os.getpid(), text)
         data = message.encode("utf-8", "replace")
-        if self.sock is not None:
-            try:
-                if self.kind == _socket.SOCK_STREAM:
-                    self.sock.sendall(data + b"\0")
-                else:
-                    self.sock.send(data)
-            except OSError:
-                pass
+        if not self.send(data):
+            # syslogd was restarted (a new socket at the same path): connect
+            # again and retry once.  Inside a chroot the path is usually not
+            # there, and the line is lost as before; the long-lived parents
+            # outside it reconnect, and their new children inherit that.
+            self.close()
+            self.connect()
+            self.send(data)
         if self.echo is not None:
             try:
                 self.echo.write("%s[%d]: %s\n" % (self.ident, os.getpid(), text))
