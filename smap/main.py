@@ -149,6 +149,10 @@ class SessionWorker:
         self.config, self.logger = config, logger
         self.lookup = None
         self.jailed = False
+        # A socket of its own, opened before the chroot: the parent's may be
+        # a dead one to a syslogd restarted since (the jail cannot reconnect).
+        logger.close()
+        logger.connect()
         try:
             self.jailed = jail(config, self.start_lookup)
             self.ready = True

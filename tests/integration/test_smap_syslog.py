@@ -1,7 +1,8 @@
 """smap's log lines, received by a real rsyslogd on a private socket named
 with `logsocket` in the table: connect, message id=… from=… nrcpt size,
 refusals with their reasons, the denied host, and the disconnect with bytes
-in/out.  The socket is opened before the chroot, so a jailed smap logs.
+in/out.  The socket is opened before the chroot, so a jailed smap logs; a
+--daemon whose rsyslogd was restarted logs again from its next workers.
 """
 
 import re
@@ -84,3 +85,38 @@ def test_full_session_with_message_over_inetd_is_logged(tmp_path, spool_dir, rsy
         smap.client.command(b"QUIT\r\n")
     rsyslog.wait_for("smap[%d]: message id=%s from=<sender@example.net> nrcpt=1"
                      % (smap.pid, queue_id))
+
+
+def test_daemon_logs_again_after_rsyslogd_is_restarted(tmp_path, spool_dir):
+    realpeers.require("rsyslogd")
+    where = tmp_path / "rsyslog"
+    first = realpeers.Rsyslog(where)
+    table = write_table(tmp_path / "table", spool_dir, "smap: maxuse 1",
+                        logsocket=first.socket)
+    port = realpeers.free_port()
+    daemon = realpeers.Proc([smap_program(), "--daemon", "127.0.0.1:%d" % port, "-F",
+                             "-c", table], new_session=True, log=tmp_path / "smap.out")
+    second = None
+    try:
+        realpeers.wait_for_listen("127.0.0.1", port)
+        first.wait_for("listen addr=127.0.0.1")
+        first.stop()                    # syslogd restarts: a new socket at the same path
+        second = realpeers.Rsyslog(where)
+        assert second.socket == first.socket
+        # the workers forked before the restart hold the old socket; with
+        # maxuse 1 each connection's worker is replaced, and the new ones
+        # connect afresh before their chroot
+        for number in range(4):
+            client = SmtpClient.connect("127.0.0.1", port)
+            try:
+                client.reply()
+                assert client.command(b"HELO c%d.example\r\n" % number).startswith(b"250")
+                assert client.command(b"QUIT\r\n").startswith(b"221")
+            finally:
+                client.close()
+        line = second.wait_for("disconnect host=")
+        assert re.search(r"smap\[\d+\]: disconnect host=\S+ addr=127\.0\.0\.1 ", line), line
+    finally:
+        daemon.stop()
+        if second is not None:
+            second.stop()
