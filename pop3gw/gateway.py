@@ -136,6 +136,10 @@ class SessionPair:
         self.pid = None
         if not prepare_directory(config.get("directory"), context.logger):
             return
+        # A syslog socket of the pair's own before the child's chroot: the
+        # daemon's may be a dead one to a syslogd restarted since.
+        context.logger.close()
+        context.logger.connect()
         monitor_end, child_end = socket.socketpair()
         pid = os.fork()
         if pid == 0:
