@@ -112,15 +112,20 @@ def _port(env, server):
     return info["port"]
 
 
+def login_and_quit(port, mode):
+    """One whole session: connect, log in as carol (an empty mailbox), QUIT."""
+    client = Client(port)
+    try:
+        client.login(mode, "carol", peers.Env.USERS["carol"])
+        client.quit()
+    finally:
+        client.close()
+
+
 def session_latency_ms(port, mode, count):
     started = time.monotonic()
     for _ in range(count):
-        client = Client(port)
-        try:
-            client.login(mode, "carol", peers.Env.USERS["carol"])
-            client.quit()
-        finally:
-            client.close()
+        login_and_quit(port, mode)
     return (time.monotonic() - started) * 1000.0 / count
 
 
@@ -166,12 +171,7 @@ def concurrent_logins_per_s(port, mode, clients, each):
         try:
             barrier.wait(TIMEOUT)
             for _ in range(each):
-                client = Client(port)
-                try:
-                    client.login(mode, "carol", peers.Env.USERS["carol"])
-                    client.quit()
-                finally:
-                    client.close()
+                login_and_quit(port, mode)
         except Exception as err:    # reported below, after every thread ended
             errors.append(err)
 

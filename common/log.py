@@ -2,8 +2,9 @@
 
 The datagram socket is opened before any chroot and kept open, so a jailed
 process can still log; when a send fails (syslogd was restarted and its
-socket replaced), the path is connected again and the line sent once more.  Messages go only to that socket, never to stderr:
-in inetd mode fd 2 is the client's connection.  A foreground daemon may
+socket replaced), the path is connected again and the line sent once more.
+Messages go only to that socket, never to stderr: in inetd mode fd 2 is
+the client's connection.  A foreground daemon may
 also echo to stderr when asked (`-F` from a terminal).  Values are
 sanitised so that nothing a client sends can forge a second log line.
 """

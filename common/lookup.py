@@ -32,12 +32,8 @@ class Lookup:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
-            status = 1
-            try:
-                ours.close()
-                status = _serve(theirs, uid, gid, drop, title)
-            finally:
-                os._exit(status)
+            ours.close()
+            skeleton.run_child(lambda: _serve(theirs, uid, gid, drop, title))
         theirs.close()
         self.sock, self.pid = ours, pid
         self.broken = False
@@ -84,8 +80,7 @@ def _max_fd():
 
 def _serve(sock, uid, gid, drop, title):
     """The helper: no chroot, the session's user, nothing open but its socket."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
+    skeleton.reset_child_signals()
     keep = sock.fileno()
     os.closerange(3, keep)
     os.closerange(keep + 1, _max_fd())
