@@ -16,17 +16,22 @@ re-read the file, change it, write `PATH.tmp.PID` (0600, fsync) and rename
 it over PATH, then fsync the directory: readers never see half a file and
 two writers never lose each other's change.  Readers need no lock.
 
-The file is trusted only as far as `parse` checks it; a file that others
-may read or write, or that is not a regular file, is refused.
+The file holds secrets that root acts on, so it is used only when it and
+every directory above it are root's alone (common.fsguard: no link on the
+way, a regular file owned by root, mode 0600, in directories no one else
+may write); the lock file and the temporary file are opened relative to
+that directory, never through a link.  The content is trusted only as far
+as `parse` checks it.
 """
 
 import contextlib
 import fcntl
 import os
 import re
-import stat
 import time
 import urllib.parse
+
+from common import fsguard
 
 HEADER = "# mailwall pop3-gw APOP users, version 1: edit with authmgr, not by hand"
 MAX_FILE_BYTES = 16 << 20
@@ -101,25 +106,24 @@ def format_users(users):
 
 def check_file(info, path):
     """Refuse a file others may touch: the secrets are in clear."""
-    if not stat.S_ISREG(info.st_mode):
-        raise AuthDbError("%s is not a regular file" % path)
-    if info.st_mode & 0o077:
-        raise AuthDbError("%s is mode %04o; it must be 0600" % (path, info.st_mode & 0o7777))
-    if os.geteuid() == 0 and info.st_uid != 0:
-        raise AuthDbError("%s is not owned by root" % path)
+    try:
+        fsguard.check_trusted_file(info, path, secret=True)
+    except fsguard.UnsafePath as err:
+        raise AuthDbError(str(err)) from None
 
 
 def load(path):
     """(users, identity) from path; a missing file is an empty database."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return {}, None
+        fd = fsguard.open_trusted_file(os.path.abspath(path), secret=True)
+    except fsguard.UnsafePath as err:
+        if err.missing:
+            return {}, None
+        raise AuthDbError(str(err)) from None
     except OSError as err:
         raise AuthDbError("cannot open %s: %s" % (path, err.strerror)) from None
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
-        check_file(info, path)
         data = handle.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise AuthDbError("%s is larger than %d bytes" % (path, MAX_FILE_BYTES))
@@ -135,10 +139,30 @@ def identity(info):
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
+def open_directory_of(path):
+    """The directory of the db, opened without links and checked like the
+    file's (root's alone): the lock and the temporary file live in it."""
+    try:
+        return fsguard.open_directory(os.path.dirname(os.path.abspath(path)),
+                                      writable_last=False)
+    except fsguard.UnsafePath as err:
+        raise AuthDbError(str(err)) from None
+
+
 @contextlib.contextmanager
 def locked(path):
-    """An exclusive lock for writers, on PATH.lock (PATH itself is replaced)."""
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """An exclusive lock for writers, on PATH.lock (PATH itself is replaced),
+    opened in the db's own directory without following a link."""
+    dir_fd = open_directory_of(path)
+    try:
+        name = os.path.basename(path) + ".lock"
+        try:
+            fd = fsguard.open_regular(dir_fd, name, os.O_RDWR | os.O_CREAT, 0o600,
+                                      shown=path + ".lock")
+        except fsguard.UnsafePath as err:
+            raise AuthDbError(str(err)) from None
+    finally:
+        os.close(dir_fd)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
@@ -148,25 +172,26 @@ def locked(path):
 
 def write(path, users):
     """Replace path atomically with users (call with the lock held)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = "%s.tmp.%d" % (path, os.getpid())
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    dir_fd = open_directory_of(path)
+    name = os.path.basename(path)
+    temporary = "%s.tmp.%d" % (name, os.getpid())
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(format_users(users).encode("utf-8"))
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o600)
-            os.fsync(handle.fileno())
-        os.rename(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(format_users(users).encode("utf-8"))
+                handle.flush()
+                os.fchmod(handle.fileno(), 0o600)
+                os.fsync(handle.fileno())
+            os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=dir_fd)
+            raise
+        os.fsync(dir_fd)
     finally:
-        os.close(dirfd)
+        os.close(dir_fd)
 
 
 def update(path, change):

@@ -5,22 +5,26 @@
 It reads one text file, keeps the lines whose keyword list names the program
 or `*`, and converts each known attribute with its declaration in
 common.params.  Every problem is reported as `FILE:LINE: message`; errors make
-the table unusable, warnings (a path that does not exist here) do not.  The
-file is trusted only as far as these checks go.
+the table unusable, warnings (a path that does not exist here) do not.
+
+The table is policy that root acts on, so it is read only when it and every
+directory above it are root's alone (common.fsguard: no link on the way, a
+regular file owned by root and writable by no one else); otherwise the one
+problem is `FILE: reason`.  A table that names root's user or group
+(`userid root`, `groupid 0`, or a user whose group is 0) is an error: it
+would make the privilege drop a no-op.  The content is trusted only as far
+as these checks go.
 """
 
 import grp
 import os
 import pwd
 
-from common import hostmatch, params
+from common import fsguard, hostmatch, params
 
 MAX_TABLE_BYTES = 1 << 20
-RULE_ATTRIBUTES = ("permit-hosts", "deny-hosts")
-
-
-class ConfigError(Exception):
-    """The table cannot be used; str() lists the problems."""
+# the programs that drop to `userid`/`groupid`
+DROPPING = (params.SMAP, params.SMAPD, params.POP3GW)
 
 
 class Problem:
@@ -30,7 +34,10 @@ class Problem:
         self.path, self.line, self.message, self.warning = path, line, message, warning
 
     def __str__(self):
+        """FILE:LINE: message, or FILE: message for the file as a whole."""
         kind = "warning: " if self.warning else ""
+        if not self.line:
+            return "%s: %s%s" % (self.path, kind, self.message)
         return "%s:%d: %s%s" % (self.path, self.line, kind, self.message)
 
 
@@ -86,6 +93,7 @@ class Config:
         self.program = program
         self.path = path
         self.values = {}
+        self.lines = {}             # attribute -> the line its value came from
         self.rules = []
         self.problems = []
         self.declared = params.for_program(program)
@@ -143,9 +151,15 @@ def convert(param, args):
             raise ValueError("%r is not an absolute path" % word)
         return os.path.normpath(word)
     if kind == "user":
-        return lookup_user(word)
+        user = lookup_user(word)
+        if user[0] == 0:
+            raise ValueError("refusing %r: uid 0 is root" % word)
+        return user
     if kind == "group":
-        return lookup_group(word)
+        gid = lookup_group(word)
+        if gid == 0:
+            raise ValueError("refusing %r: gid 0 is root's group" % word)
+        return gid
     if kind == "facility":
         if word.lower() not in params.FACILITIES:
             raise ValueError("unknown syslog facility %r" % word)
@@ -260,19 +274,50 @@ def parse(text, path, program):
         if attribute in config.values:
             continue  # the first matching line wins
         config.values[attribute] = value
+        config.lines[attribute] = number
         if param.kind == "path" and not os.path.exists(value):
             config.problem(number, "%s: %s does not exist on this machine" % (attribute, value),
                            warning=True)
         if param.kind == "command" and not os.path.exists(value[0]):
             config.problem(number, "%s: %s does not exist on this machine" % (attribute, value[0]),
                            warning=True)
+    check_identity(config)
     return config
 
 
-def load(path, program):
-    """Read and parse the table; a file that cannot be read is one error."""
+def check_identity(config):
+    """The group a dropping program ends up in must not be root's: a userid
+    whose own group is 0, with no groupid, would run with gid 0."""
+    if config.program not in DROPPING or "groupid" in config.values:
+        return
     try:
-        with open(path, "rb") as table:
+        _, gid, name = config.get("userid")
+    except ValueError:
+        return          # the default user does not exist here: reported at start-up
+    if gid == 0:
+        config.problem(config.lines.get("userid", 0),
+                       "userid: %s's group is gid 0 (root's); name another with groupid" % name)
+
+
+def load(path, program):
+    """Read and parse the table; a file that cannot be read, or that is not
+    root's alone, is one error (`FILE: reason`)."""
+    try:
+        fd = fsguard.open_trusted_file(os.path.abspath(path))
+    except fsguard.UnsafePath as err:
+        config = Config(program, path)
+        where = err.reason if err.path == os.path.abspath(path) else str(err)
+        if err.missing:
+            config.problem(0, "cannot read: %s" % where)
+        else:
+            config.problem(0, "%s; root acts on this table, so it must be root's alone" % where)
+        return config
+    except OSError as err:
+        config = Config(program, path)
+        config.problem(0, "cannot read: %s" % (err.strerror or err))
+        return config
+    try:
+        with open(fd, "rb") as table:
             data = table.read(MAX_TABLE_BYTES + 1)
     except OSError as err:
         config = Config(program, path)

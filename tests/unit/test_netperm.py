@@ -1,6 +1,7 @@
 """common.netperm: the FWTK-syntax table, typed values from common.params,
 and every problem as FILE:LINE: message."""
 
+import os
 import pwd
 
 import pytest
@@ -129,7 +130,7 @@ def test_hostport_values():
 
 def test_load_reports_unreadable_big_and_non_utf8_files(tmp_path):
     missing = netperm.load(str(tmp_path / "absent"), "smap")
-    assert str(missing.errors[0]).startswith("%s:0: cannot read" % (tmp_path / "absent"))
+    assert str(missing.errors[0]).startswith("%s: cannot read" % (tmp_path / "absent"))
     big = tmp_path / "big"
     big.write_bytes(b"#" * (netperm.MAX_TABLE_BYTES + 1))
     assert "larger than" in str(netperm.load(str(big), "smap").errors[0])
@@ -148,3 +149,57 @@ def test_every_declaration_has_a_doc_and_a_usable_default():
             assert param.low <= param.default <= param.high, param.name
         if param.default is not None and param.kind not in ("user",):
             netperm.convert(param, netperm.split_words(str(param.default)))
+
+
+def test_a_table_others_may_write_or_replace_is_refused(tmp_path):
+    """Root acts on the table: a file or directory others can write is refused
+    with one `FILE: reason` problem, and nothing of its content is used."""
+    table = tmp_path / "table"
+    table.write_text("smap: maxrecip 3\n")
+    os.chmod(table, 0o666)
+    config = netperm.load(str(table), "smap")
+    assert [str(p) for p in config.problems] == [
+        "%s: writable by group or others (mode 0666); root acts on this table, "
+        "so it must be root's alone" % table]
+    assert config.get("maxrecip") == 100
+    os.chmod(table, 0o644)
+    assert netperm.load(str(table), "smap").errors == []
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    inside = shared / "table"
+    inside.write_text("smap: maxrecip 3\n")
+    assert "%s: writable by group or others" % shared in str(
+        netperm.load(str(inside), "smap").errors[0])
+    link = tmp_path / "link"
+    link.symlink_to(table)
+    assert "is a symbolic link" in str(netperm.load(str(link), "smap").errors[0])
+
+
+def test_a_table_owned_by_another_user_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file away")
+    table = tmp_path / "table"
+    table.write_text("smap: maxrecip 3\n")
+    os.chown(table, 65534, 65534)
+    assert "owned by uid 65534, not by root" in str(netperm.load(str(table), "smap").errors[0])
+
+
+def test_root_user_and_root_group_are_refused():
+    for line in ("smap: userid root", "smap: userid 0", "smapd: userid root",
+                 "pop3-gw: userid 0"):
+        program = line.split(":")[0]
+        config = parse(line + "\n", program)
+        assert any("uid 0 is root" in str(p) for p in config.errors), line
+    for line in ("smap: groupid 0", "smap: groupid root", "pop3-gw: groupid 0"):
+        program = line.split(":")[0]
+        config = parse(line + "\n", program)
+        assert any("gid 0 is root's group" in str(p) for p in config.errors), line
+
+
+def test_a_user_whose_own_group_is_root_needs_a_groupid(monkeypatch):
+    monkeypatch.setattr(netperm, "lookup_user", lambda word: (4321, 0, word))
+    config = parse("smap: userid operator\n", "smap")
+    assert [str(p) for p in config.errors] == [
+        "table:1: userid: operator's group is gid 0 (root's); name another with groupid"]
+    assert parse("smap: userid operator\nsmap: groupid 4321\n", "smap").errors == []

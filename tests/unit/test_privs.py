@@ -10,13 +10,14 @@ from common import privs
 class FakeOs:
     """Records calls; behaves like the kernel for one process."""
 
-    def __init__(self, euid=0, keep_root=False, keep_groups=False):
+    def __init__(self, euid=0, keep_root=False, keep_groups=False, keep_setgid=False):
         self.calls = []
         self.uids = [euid] * 3
         self.gids = [0] * 3
         self.groups = [0, 4, 24]
         self.keep_root = keep_root          # a broken setuid that keeps saved uid 0
         self.keep_groups = keep_groups      # a broken setgroups
+        self.keep_setgid = keep_setgid      # CAP_SETGID left behind (a capability bug)
 
     def geteuid(self):
         return self.uids[1]
@@ -34,6 +35,8 @@ class FakeOs:
 
     def setgid(self, gid):
         self.calls.append(("setgid", gid))
+        if self.uids[1] != 0 and gid not in self.gids and not self.keep_setgid:
+            raise PermissionError(1, "Operation not permitted")
         self.gids = [gid] * 3
 
     def setuid(self, uid):
@@ -58,14 +61,14 @@ def test_order_of_the_drop():
     fake = FakeOs()
     assert privs.drop("/var/spool/smap", 10, 10, osmod=fake) is True
     assert fake.calls == [("chroot", "/var/spool/smap"), ("chdir", "/"), ("setgroups", []),
-                          ("setgid", 10), ("setuid", 10), ("setuid", 0)]
+                          ("setgid", 10), ("setuid", 10), ("setuid", 0), ("setgid", 0)]
     assert fake.getresuid() == (10, 10, 10) and fake.getgroups() == []
 
 
 def test_without_chroot_the_rest_is_the_same():
     fake = FakeOs()
     privs.drop("/unused", 10, 20, chroot=False, osmod=fake)
-    assert [c[0] for c in fake.calls] == ["setgroups", "setgid", "setuid", "setuid"]
+    assert [c[0] for c in fake.calls] == ["setgroups", "setgid", "setuid", "setuid", "setgid"]
 
 
 def test_not_root_changes_nothing():
@@ -103,6 +106,17 @@ def test_verify_regained_root_check_and_refusing_uid_zero():
         privs.verify(10, 10, fake)
     with pytest.raises(privs.PrivilegeError, match="root"):
         privs.verify(0, 0, FakeOs())
+
+
+def test_verify_refuses_root_group_and_a_regainable_group():
+    with pytest.raises(privs.PrivilegeError, match="root's group"):
+        privs.drop("/var/spool/smap", 10, 0, osmod=FakeOs())
+    with pytest.raises(privs.PrivilegeError, match="root's group could be regained"):
+        privs.drop("/var/spool/smap", 10, 10, osmod=FakeOs(keep_setgid=True))
+    fake = FakeOs()
+    fake.uids, fake.gids, fake.groups = [10, 10, 10], [10, 10, 0], []
+    with pytest.raises(privs.PrivilegeError, match="gids"):
+        privs.verify(10, 10, fake)
 
 
 def test_user_and_group_from_the_table():
