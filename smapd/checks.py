@@ -110,9 +110,10 @@ def address_field_problem(raw):
         return None
     text = value.decode("latin-1")
     text = text.replace("\r\n", "")
+    # Both readings ask common.address, as smap and the agent do, what the
+    # local part is once its quotes, quoted pairs and white space are gone.
     for _, spec in email.utils.getaddresses([text]):
-        local = spec.rsplit("@", 1)[0].strip().strip('"').lstrip()
-        if local[:1] in ("|", "/", "-"):
+        if address.names_option_program_or_file(spec.rsplit("@", 1)[0]):
             return "address %r names a program, a file or an option" % spec[:60]
     # The strict RFC 5322 parser may read the same field differently (what
     # one takes for a group's display name, `"-be"@x.orgFrom: a@b`, the other
@@ -123,7 +124,7 @@ def address_field_problem(raw):
     except Exception:           # noqa: BLE001 - any parser failure: the first reading stands
         strict = []
     for local in strict:
-        if local.lstrip()[:1] in ("|", "/", "-"):
+        if address.names_option_program_or_file(local):
             return "address %r names a program, a file or an option" % local[:60]
     return None
 

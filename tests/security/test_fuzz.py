@@ -14,8 +14,10 @@ derandomized examples in CI, FUZZ_EXAMPLES (default 200000) in `make fuzz`.
   accepted DATA (the issue-2 property, run here with the fuzz profile).
 * pop3-gw client session: no session authenticates without the right digest
   for the banner's timestamp.
-* smapd checks and the agent's request check: no recipient or sender that
-  starts with `-`, `|` or `/` ever passes, so none reaches the MTA argv; a
+* smapd checks and the agent's request check: no recipient or sender whose
+  local part, past any white space, quotes and backslashes, starts with
+  `-`, `|` or `/`, and none with an empty domain label, ever passes, so
+  none reaches the MTA argv; a
   header section that passes has no NUL, no bare CR/LF, no line over 998,
   and the stdlib's strict RFC 5322 parser finds no such address in it.
 
@@ -285,14 +287,58 @@ def test_fuzz_pop3_session_never_authenticates_without_the_right_digest(lines, c
 hostile_address = st.lists(st.one_of(st.sampled_from(["-", "|", "/", '"', "@", "%", "!", " ",
                                                       "\t", "\r", "\n", "\0", ".", "<", ">",
                                                       "example.org", "o", "Q", "be", ":",
-                                                      "[", "]", "\\", ","]),
+                                                      "[", "]", "\\", ",",
+                                                      # issue 11 finding 8: behind a quote,
+                                                      # white space, an empty label
+                                                      '" ', '"  -', '" |', '"\t/', "\u00a0",
+                                                      "\u2003", "..", "example.org.", "@x.",
+                                                      "@.x"]),
                                      st.text(max_size=3)), min_size=1, max_size=10).map("".join)
+
+# Well-formed but for one trick: an optional quote, white space (ASCII or
+# Unicode), then -, | or / or a harmless start, and a domain that may have
+# an empty label.  Random pieces alone rarely build `" -x"@example.org`.
+spelled_address = st.tuples(
+    st.sampled_from(['"', ""]), st.text(alphabet=" \t\u00a0\u2003", max_size=3),
+    st.sampled_from(["-", "|", "/", "\\-", "a", ""]),
+    st.sampled_from(["oQ/tmp", "bin/sh", "x", ""]),
+    st.text(alphabet=" ", max_size=2), st.sampled_from(['"', ""]),
+    st.sampled_from(["@example.org", "@Example.ORG.", "@example.org..", "@x..org", "@.x.org",
+                     "@[127.0.0.1]", "@[IPv6:::1]", ""])).map("".join)
+any_address = st.one_of(hostile_address, spelled_address)
+
+
+def delivery_agent_sees_option_program_or_file(word):
+    """An independent reading, stricter than common.address's: skip every
+    white space, quote and backslash at the start of the local part; what is
+    left must not start with -, | or /."""
+    local = word.rpartition("@")[0] if "@" in word else word
+    return local.lstrip(' \t\r\n\v\f"\\\u00a0\u2003\u3000').startswith(("-", "|", "/"))
+
+
+def has_empty_label(word):
+    domain = word.rpartition("@")[2] if "@" in word else None
+    return domain is not None and not domain.startswith("[") and "" in domain.split(".")
 
 
 @FUZZ
-@given(st.one_of(st.just(""), hostile_address), st.lists(hostile_address, min_size=1,
-                                                         max_size=3))
+@given(st.one_of(st.just(""), any_address), st.lists(any_address, min_size=1, max_size=3))
 def test_fuzz_no_option_program_or_file_reaches_the_mta_argv(sender, recipients):
+    check_what_reaches_the_mta(sender, recipients)
+
+
+@FUZZ
+@given(spelled_address, st.booleans())
+def test_fuzz_no_spelling_hides_an_option_program_or_file(spelled, as_sender):
+    # one trick at a time, next to an ordinary address, so that most
+    # examples reach the checks that matter instead of failing elsewhere
+    if as_sender:
+        check_what_reaches_the_mta(spelled, ["v@example.org"])
+    else:
+        check_what_reaches_the_mta("a@example.org", [spelled])
+
+
+def check_what_reaches_the_mta(sender, recipients):
     envelope = {"sender": sender, "rcpt": recipients}
     passed_scanner = checks.envelope_problem(envelope) is None
     with tempfile.TemporaryFile() as message:
@@ -312,16 +358,21 @@ def test_fuzz_no_option_program_or_file_reaches_the_mta_argv(sender, recipients)
         for word in argv[argv.index("--") + 1:] + [request["sender"]]:
             assert not word.startswith(("-", "|", "/")), argv
             assert not any(ord(c) < 32 for c in word), argv
+            assert not delivery_agent_sees_option_program_or_file(word), argv
+            assert not has_empty_label(word), argv
     if passed_scanner:
         for word in recipients + ([sender] if sender else []):
             assert not word.startswith(("-", "|", "/")), envelope
             assert not any(ord(c) < 32 or ord(c) == 127 for c in word), envelope
+            assert not delivery_agent_sees_option_program_or_file(word), envelope
+            assert not has_empty_label(word), envelope
 
 
 header_piece = st.one_of(
     st.sampled_from([b"From: a@example.org", b"To: ", b"Cc: ", b"Bcc: ", b"Reply-To: ",
                      b"Subject: x", b" folded", b"\tfolded", b"-oQ/tmp", b"|cmd", b"/etc/passwd",
-                     b'"-be"@x.org', b"<|cmd@x.org>", b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r",
+                     b'"-be"@x.org', b"<|cmd@x.org>", b'" -be"@x.org', b'"\t|cmd"@x.org',
+                     b"\\-be@x.org", b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r",
                      b"\0", b":", b"x" * 999, b"\r\n\r\n", b"body"]),
     st.binary(max_size=10))
 

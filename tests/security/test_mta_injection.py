@@ -31,7 +31,10 @@ ARGV_TRICKS = ["-oQ/tmp", "-oQ/tmp@example.com", "-be", "-bs@example.com", "-C/t
                "-X/tmp/log@example.com", "--@example.com", "-f@example.com",
                "|/bin/sh -c id", "|cmd@example.com", "/etc/passwd", "/tmp/x@example.com",
                '"-oQ/tmp"@example.com', '"|cmd"@example.com', '"/etc/passwd"@example.com',
-               "\t-be@example.com", " -be@example.com"]
+               "\t-be@example.com", " -be@example.com",
+               # issue 11 finding 8: the option behind a quote and white space
+               '" -oQ/tmp"@example.com', '" |/bin/sh"@example.com', '"  /etc/passwd"@example.com',
+               '"\t-be"@example.com', '" "@example.com', '"\\-x"@example.com']
 
 
 @pytest.fixture
@@ -55,7 +58,8 @@ def test_smap_refuses_option_program_and_file_recipients(smap, rcpt):
 
 
 @pytest.mark.parametrize("sender", ["-oQ/tmp", "-be@example.org", "|cmd@example.org",
-                                    "/tmp/x@example.org", '"-f"@example.org'])
+                                    "/tmp/x@example.org", '"-f"@example.org',
+                                    '" -oQ/tmp"@b.org', '" |/bin/sh"@b.org', "u@b.org.."])
 def test_smap_refuses_option_program_and_file_senders(smap, sender):
     client = smap.inetd()
     assert client.reply()[0] == 220
@@ -90,6 +94,13 @@ HOSTILE_ENVELOPES = {
     "one-good-one-option": ("a@example.net", ["v@example.org", "-C/tmp"]),
     "sender-option": ("-oQ/tmp", ["v@example.org"]),
     "sender-program": ("|cmd@example.net", ["v@example.org"]),
+    # issue 11 finding 8: behind a quote and white space, and empty labels
+    "rcpt-space-quoted-option": ("a@example.net", ['" -oQ/tmp"@example.org']),
+    "rcpt-space-quoted-program": ("a@example.net", ['" |/bin/sh"@example.org']),
+    "sender-space-quoted-option": ('" -oQ/tmp"@example.net', ["v@example.org"]),
+    "rcpt-empty-quoted": ("a@example.net", ['" "@example.org']),
+    "rcpt-empty-label": ("a@example.net", ["v@example.org.."]),
+    "sender-trailing-dot": ("a@example.net.", ["v@example.org"]),
 }
 
 HOSTILE_HEADERS = {
@@ -104,6 +115,9 @@ HOSTILE_HEADERS = {
     "folded-to-program": b"From: a@example.net\r\nTo: v@example.org,\r\n |cmd@example.org\r\n\r\nx\r\n",
     # found by the fuzzer: a group display name to one parser, an address to the other
     "parser-differential": b'From: a@example.net\r\nTo: "-be"@x.orgFrom: a@example.org\r\n\r\nx\r\n',
+    # issue 11 finding 8: white space inside the quotes, a quoted pair outside them
+    "to-space-quoted-program": b'From: a@example.net\r\nTo: " |/bin/sh"@example.org\r\n\r\nx\r\n',
+    "cc-backslash-option": b"From: a@example.net\r\nCc: \\-oQ/tmp@example.org\r\n\r\nx\r\n",
 }
 
 

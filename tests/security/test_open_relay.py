@@ -38,10 +38,14 @@ RELAY_TRICKS = [
     "user@other.org.",
     "user@example.com\\@other.org",
     "user@sub.example.com%other.org",
+    # a domain with an empty label is refused whatever it names (issue 11, finding 8)
+    "user@example.com.",
+    "user@example.com..",
+    "user@sub..example.com",
 ]
 
 LOCAL = ["user@example.com", "USER@EXAMPLE.COM", "user@sub.example.com",
-         "user@example.com.", "postmaster", "Postmaster"]
+         "postmaster", "Postmaster"]
 
 
 @pytest.fixture(scope="module")

@@ -383,6 +383,10 @@ def test_client_gone_mid_data_leaves_nothing(tmp_path):
     (b"MAIL FROM:<@hop.example:a@example.net>", b"553 5.1.7 "),
     (b"MAIL FROM:<a%b@example.net>", b"553 5.1.7 "),
     (b"MAIL FROM:<host!a@example.net>", b"553 5.1.7 "),
+    (b'MAIL FROM:<" -oQ/tmp"@b.org>',
+     b"553 5.1.7 Error: bad sender address: local part starts with -"),
+    (b'MAIL FROM:<" "@b.org>', b"553 5.1.7 Error: bad sender address: empty local part"),
+    (b"MAIL FROM:<u@b.org..>", b"553 5.1.7 Error: bad sender address: empty label in domain"),
     (b"MAIL FROM:a@example.net", b"501 5.5.4 "),
 ])
 def test_bad_sender_addresses(tmp_path, command, reply_start):
@@ -398,6 +402,8 @@ def test_bad_sender_addresses(tmp_path, command, reply_start):
     b"@hop.example,@other.example:user@example.org", b"user%elsewhere.example@example.org",
     b"elsewhere!user@example.org", b"user@example.org@elsewhere.example",
     b"user\x01@example.org",
+    b'" |/bin/sh"@example.org', b'"  -oQ/tmp"@example.org', b'" "@example.org',
+    b"u@example.org..", b"u@example..org", b"u@.example.org", b"u@example.org.",
 ])
 def test_bad_recipient_addresses_get_553(tmp_path, rcpt):
     smtp, log = make_session(tmp_path, relay_ok=True)
