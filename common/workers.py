@@ -1,30 +1,54 @@
 """smap --daemon's accept loop: pre-forked session processes that each
-serve up to `maxuse` connections, after Postfix's master(8).
+serve up to `maxuse` connections, one at a time, after Postfix's master(8).
 
 Imported only by the --daemon code (smap under inetd starts a fresh
-interpreter per connection and must not pay for it).  The parent never
-reads a client byte: it forks workers, reads their 5-byte status records
-from a pipe only it and they hold, reaps them, and answers `busy_reply`
-itself when all `maxchildren` are busy.  Each worker is jailed by the
-caller's `prepare()` before it accepts its first connection.
+interpreter per connection and must not pay for it).
+
+The root parent alone holds the listening socket (DESIGN §3: a session
+process holds its client's socket, never the listener).  It accepts each
+connection and passes it to an idle worker over that worker's own
+socketpair (SCM_RIGHTS), then closes its copy; the worker says on the
+same socketpair when it is ready for a connection (after its set-up and
+after each connection) or that it is leaving.  The parent never reads a
+client byte, and from a worker it takes only those one-byte messages, in
+the order the protocol allows: anything else ends that worker (SIGKILL).
+One socketpair per worker, so no worker can speak for another.  The
+parent reaps, enforces `maxuse` itself, retires workers idle too long,
+and answers `busy_reply` itself when all `maxchildren` are busy.
+
+Right after the fork a worker closes every descriptor of the parent's (the
+listener, the other workers' socketpairs, the signal pipe, the poller),
+keeping fd 0-2, its socketpair and the log's socket; the caller's
+`prepare()` then jails it before it is given its first connection.
 """
 
 import os
 import select
 import signal
-import struct
+import socket
 import time
 
 from common import skeleton
 from common.skeleton import signal_pipe, silence_stderr, set_title
 
 
-WORKER_IDLE, WORKER_BUSY, WORKER_LEAVING = 0, 1, 2
-_STATUS = "=iB"                 # (pid, state): 5 bytes, one atomic pipe write
+# A worker's state, as the parent sees it.
+STARTING = "starting"           # forked; not ready yet (counts as a spare)
+IDLE = "idle"                   # said it is ready: may be given a connection
+BUSY = "busy"                   # was given one
+ENDED = "ended"                 # its socketpair is closed; counts until reaped
+LEAVING = "leaving"             # served its last one: a replacement may start now
+
+# The messages on a worker's socketpair (SOCK_SEQPACKET: one byte each, kept apart).
+CONNECTION = b"c"               # parent -> worker, with the connection's descriptor
+READY = b"r"                    # worker -> parent: give me a connection
+DONE = b"d"                     # worker -> parent: finished my last connection, exiting
+
 WORKER_IDLE_EXIT = 100.0        # an idle worker leaves after this many seconds (Postfix max_idle)
 RESPAWN_PAUSE = 1.0             # after a worker that was not ready, wait this long
 NOT_READY = 3                   # the exit status of such a worker
 REFUSE_GRACE = 0.05             # seconds to wait for a slot before answering 421
+SPARE_DESCRIPTORS = 64          # the parent's own, besides one per worker
 
 
 class Worker:
@@ -48,19 +72,32 @@ class Worker:
         pass
 
 
+class _Slot:
+    """The parent's view of one worker: its pid, the parent's end of its
+    socketpair (None once closed), its state, the connections it was given
+    and since when it is in its state."""
+
+    __slots__ = ("pid", "control", "state", "served", "since")
+
+    def __init__(self, pid, control):
+        self.pid, self.control = pid, control
+        self.state, self.served, self.since = STARTING, 0, time.monotonic()
+
+
 class WorkerPool:
-    """The accept loop of smap --daemon, after Postfix's master(8): worker
-    processes accept on the shared listener themselves and each serves up
-    to `maxuse` connections, one at a time, before it exits; the parent only
-    keeps `spare` idle workers ready (never more than `maxchildren` in all),
-    answers `busy_reply` itself when all `maxchildren` are busy, reaps, and
-    stops on SIGTERM (idle workers leave at once, busy ones after their
-    connection).  Forking per connection costs smap more CPU than the whole
-    SMTP session; a worker pays for its fork once per `maxuse` connections.
+    """The accept loop of smap --daemon: the parent accepts and hands each
+    connection to an idle worker; each worker serves up to `maxuse`
+    connections, one at a time, before it exits; the parent keeps `spare`
+    idle workers ready (never more than `maxchildren` in all), answers
+    `busy_reply` itself when all `maxchildren` are busy, reaps, and stops
+    on SIGTERM (the port closes at once; idle workers leave at once, busy
+    ones after their connection).  Forking per connection costs smap more
+    CPU than the whole SMTP session; a worker pays for its fork once per
+    `maxuse` connections.
 
     `prepare()` is called once in each new worker, still as root: it jails
-    the process and returns a Worker.  What the pool trusts: its workers'
-    5-byte status records on a pipe only it and they hold.
+    the process and returns a Worker.  What the pool trusts: nothing from
+    a worker but a one-byte READY or DONE when the protocol expects one.
     """
 
     def __init__(self, listener, prepare, log, maxchildren, maxuse, busy_reply=b"",
@@ -74,23 +111,45 @@ class WorkerPool:
         self.title = title
         self.idle_title = idle_title
         self.spare = max(1, min(spare, maxchildren))
-        self.workers = {}           # pid -> WORKER_IDLE | WORKER_BUSY
+        self.workers = {}           # pid -> _Slot
+        self.by_control = {}        # fd of the parent's end -> _Slot
+        self.idle_slots = {}        # pid -> _Slot, oldest first (handed out newest first)
+        self.counts = dict.fromkeys((STARTING, IDLE, BUSY, ENDED, LEAVING), 0)
         self.stopping = False
         self.pause_until = 0.0
+        self.poller = None
+        self.wake = ()
+        self.watching = False
 
     def _on_term(self, signum, frame):
         self.stopping = True
 
-    def idle(self):
-        return sum(1 for state in self.workers.values() if state == WORKER_IDLE)
-
+    # -- counting ------------------------------------------------------------
     def active(self):
         """Workers that hold or may take a connection (not those on their way out)."""
-        return sum(1 for state in self.workers.values() if state != WORKER_LEAVING)
+        return len(self.workers) - self.counts[LEAVING]
+
+    def spares(self):
+        """Workers that count as spares: ready, starting, or ended and not
+        yet reaped (the exit status of one that was not ready must be seen
+        before its replacement is forked)."""
+        return self.counts[IDLE] + self.counts[STARTING] + self.counts[ENDED]
 
     def full(self):
-        return self.active() >= self.maxchildren and self.idle() == 0
+        """Every slot is taken by a busy worker: nobody will take a connection soon."""
+        return self.active() >= self.maxchildren and not self.counts[IDLE] \
+            and not self.counts[STARTING]
 
+    def set_state(self, slot, state):
+        self.counts[slot.state] -= 1
+        self.counts[state] += 1
+        if slot.state == IDLE:
+            del self.idle_slots[slot.pid]
+        if state == IDLE:
+            self.idle_slots[slot.pid] = slot
+        slot.state, slot.since = state, time.monotonic()
+
+    # -- the loop ------------------------------------------------------------
     def run(self):
         wake_r, wake_w = signal_pipe()
         signal.signal(signal.SIGTERM, self._on_term)
@@ -98,75 +157,180 @@ class WorkerPool:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGHUP, lambda signum, frame: None)    # nothing to reload
         self.listener.setblocking(False)
-        self.status_r, self.status_w = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(self.status_r, False)
-        # Workers watch this pipe: end of file (the parent stopped or died) means leave.
-        self.watch_r, self.watch_w = os.pipe2(os.O_CLOEXEC)
         self.wake = (wake_r, wake_w)
+        self.poller = select.epoll()
+        self.poller.register(wake_r, select.EPOLLIN)
+        raise_descriptor_limit(self.maxchildren + SPARE_DESCRIPTORS)
         set_title(self.title)
         try:
             while not self.stopping:
                 self.reap()
-                self.read_status()
                 now = time.monotonic()
-                while (self.active() < self.maxchildren and self.idle() < self.spare
+                self.retire_idle(now)
+                while (self.active() < self.maxchildren and self.spares() < self.spare
                        and now >= self.pause_until and not self.stopping):
-                    self.spawn()
-                watched = [self.status_r, wake_r] + ([self.listener] if self.full() else [])
+                    if not self.spawn():
+                        break
+                # a connection waits in the kernel's queue while a worker starts
+                self.watch_listener(self.counts[IDLE] > 0 or self.full())
                 timeout = 5.0 if now >= self.pause_until else self.pause_until - now
-                try:
-                    ready, _, _ = select.select(watched, [], [], timeout)
-                except InterruptedError:
-                    continue
-                if wake_r in ready:
-                    _drain(wake_r)
-                if self.listener in ready and not self.stopping:
-                    # A client that connects as soon as it has read the last
-                    # reply of the session before it often finds that session's
-                    # worker not yet idle or gone: give the workers a moment
-                    # to say so before answering 421.
-                    select.select([self.status_r], [], [], REFUSE_GRACE)
-                    self.reap()
-                    self.read_status()
-                    if self.full():
-                        self.refuse_one()
+                if self.dispatch(self.poller.poll(timeout)) and not self.stopping:
+                    self.take_connections()
         finally:
             signal.set_wakeup_fd(-1)
-            self.listener.close()
-            for pid in self.workers:
+            self.listener.close()   # the port closes now, whoever is still busy
+            for slot in self.workers.values():
                 try:
-                    os.kill(pid, signal.SIGTERM)    # idle: leave; busy: close the port, finish
+                    os.kill(slot.pid, signal.SIGTERM)   # idle: leave; busy: finish
                 except OSError:
                     pass
-            os.close(self.watch_w)  # and should a signal be missed, end of file says the same
-            for fd in (self.watch_r, self.status_r, self.status_w, wake_r, wake_w):
+                # and should a signal be missed, end of file says the same
+                self.close_control(slot)
+            self.poller.close()
+            for fd in self.wake:
                 os.close(fd)
         self.log.info("stop", children=len(self.workers))
 
-    def read_status(self):
-        size = struct.calcsize(_STATUS)
-        while True:
+    def watch_listener(self, wanted):
+        if wanted != self.watching:
+            if wanted:
+                self.poller.register(self.listener.fileno(), select.EPOLLIN)
+            else:
+                self.poller.unregister(self.listener.fileno())
+            self.watching = wanted
+
+    def dispatch(self, events):
+        """Handle what poll() reported; True when the listener is readable."""
+        listener_ready = False
+        listener_fd = self.listener.fileno()
+        for fd, _ in events:
+            if fd == self.wake[0]:
+                _drain(fd)
+            elif fd == listener_fd:
+                listener_ready = True
+            else:
+                slot = self.by_control.get(fd)
+                if slot is not None:
+                    self.hear(slot)
+        return listener_ready
+
+    def take_connections(self):
+        """The listener is readable: hand connections to idle workers, or
+        answer busy_reply when all maxchildren are busy."""
+        if not self.counts[IDLE]:
+            if not self.full():
+                return          # a worker is starting or may start: the client waits for it
+            # A client that connects as soon as it has read the last reply
+            # of the session before it often finds that session's worker not
+            # yet ready again or gone: give the workers a moment to say so
+            # before answering 421.
+            self.watch_listener(False)
+            deadline = time.monotonic() + REFUSE_GRACE
+            while self.full() and not self.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.dispatch(self.poller.poll(left))
+                self.reap()
+            if self.stopping:
+                return
+            if self.full():
+                self.refuse_one()
+                return
+        while self.counts[IDLE]:
+            conn = skeleton.accept(self.listener, self.log)
+            if conn is None:
+                return
+            self.hand_over(conn)
+
+    def hand_over(self, conn):
+        """Pass conn to the idle worker that became idle last (it is warm),
+        then close the parent's copy."""
+        try:
+            while self.idle_slots:
+                slot = self.idle_slots[next(reversed(self.idle_slots))]
+                try:
+                    socket.send_fds(slot.control, [CONNECTION], [conn.fileno()])
+                except OSError:
+                    self.close_control(slot)    # it died; counts until reaped
+                    continue
+                self.set_state(slot, BUSY)
+                slot.served += 1
+                return
+            self.log.warning("busy", children=len(self.workers), reason="no session process")
+            skeleton.refuse(conn, self.busy_reply)
+        finally:
+            conn.close()
+
+    def hear(self, slot):
+        """One message from a worker: READY or DONE when its state allows
+        it, end of file; anything else ends the worker."""
+        try:
+            message = slot.control.recv(2)      # plain recv: any descriptors sent are dropped
+        except BlockingIOError:
+            return
+        except OSError:
+            message = b""
+        if not message:
+            self.close_control(slot)
+            return
+        if message == READY and slot.state in (STARTING, BUSY):
+            if slot.served >= self.maxuse:
+                self.retire(slot)               # maxuse is the parent's to count
+            else:
+                self.set_state(slot, IDLE)
+        elif message == DONE and slot.state == BUSY:
+            # the parent may start a replacement now, before this one is
+            # reaped (one that was not ready says nothing: paced by its exit)
+            self.retire(slot)
+        else:
+            self.log.warning("worker", pid=slot.pid, state=slot.state,
+                             reason="unexpected message; killed")
+            self.close_control(slot)
             try:
-                data = os.read(self.status_r, size * 512)
-            except BlockingIOError:
+                os.kill(slot.pid, signal.SIGKILL)   # our unreaped child: the pid is its
+            except OSError:
+                pass
+
+    def retire(self, slot):
+        """The worker gets no further connection: end of file tells it to leave."""
+        self.close_control(slot, LEAVING)
+
+    def close_control(self, slot, state=ENDED):
+        if slot.control is not None:
+            if slot.state != LEAVING:
+                self.set_state(slot, state)
+            del self.by_control[slot.control.fileno()]
+            self.poller.unregister(slot.control)
+            slot.control.close()
+            slot.control = None
+
+    def retire_idle(self, now):
+        while self.idle_slots:
+            oldest = self.idle_slots[next(iter(self.idle_slots))]
+            if now - oldest.since < WORKER_IDLE_EXIT:
                 return
-            if not data:
-                return
-            for offset in range(0, len(data) - size + 1, size):
-                pid, state = struct.unpack_from(_STATUS, data, offset)
-                if pid in self.workers:
-                    self.workers[pid] = state
+            self.retire(oldest)     # the parent keeps its spares: a new one replaces it
 
     def reap(self):
         if self.workers and not skeleton.reap_children(self.ended):
-            self.workers.clear()
+            for slot in list(self.workers.values()):
+                self.forget(slot)
 
     def ended(self, pid, status):
-        if self.workers.pop(pid, None) is not None \
-                and os.waitstatus_to_exitcode(status) == NOT_READY:
+        slot = self.workers.get(pid)
+        if slot is None:
+            return
+        self.forget(slot)
+        if os.waitstatus_to_exitcode(status) == NOT_READY:
             # A worker that could not jail itself is not replaced at once:
             # a broken set-up must not become a fork loop.
             self.pause_until = time.monotonic() + RESPAWN_PAUSE
+
+    def forget(self, slot):
+        self.close_control(slot)
+        self.counts[slot.state] -= 1
+        del self.workers[slot.pid]
 
     def refuse_one(self):
         """All maxchildren workers are busy: the parent answers busy_reply."""
@@ -176,13 +340,55 @@ class WorkerPool:
             skeleton.refuse(conn, self.busy_reply)
 
     def spawn(self):
-        pid = os.fork()
-        if pid:
-            self.workers[pid] = WORKER_IDLE     # counts as a spare while it starts
-            return
-        skeleton.run_child(self.worker_main)
+        """Fork one worker; False (and a pause) when that is not possible now."""
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as err:
+            self.log.error("fork", reason=err.strerror)
+            self.pause_until = time.monotonic() + RESPAWN_PAUSE
+            return False
+        try:
+            pid = os.fork()
+        except OSError as err:
+            ours.close()
+            theirs.close()
+            self.log.error("fork", reason=err.strerror)
+            self.pause_until = time.monotonic() + RESPAWN_PAUSE
+            return False
+        if pid == 0:
+            skeleton.run_child(lambda: self.worker_main(theirs, ours))
+        theirs.close()
+        ours.setblocking(False)
+        slot = _Slot(pid, ours)
+        self.workers[pid] = slot
+        self.by_control[ours.fileno()] = slot
+        self.counts[STARTING] += 1
+        self.poller.register(ours, select.EPOLLIN)
+        return True
 
-    def worker_main(self):
+    # -- in the worker -------------------------------------------------------
+    def shed(self, control, parent_end):
+        """Right after the fork: close every descriptor of the parent's.
+        Those the pool knows are closed through their objects; anything
+        else inherited (the caller's, unknown to the pool) by number,
+        keeping fd 0-2, this worker's socketpair and the log's socket."""
+        parent_end.close()
+        self.listener.close()
+        self.poller.close()
+        for fd in self.wake:
+            os.close(fd)
+        for slot in self.workers.values():
+            if slot.control is not None:
+                slot.control.close()
+        keep = {0, 1, 2, control.fileno()}
+        log_fileno = getattr(getattr(self.log, "sock", None), "fileno", None)
+        if callable(log_fileno):        # common.log.Log's socket, when it has one
+            keep.add(log_fileno())
+        keep = sorted(keep)
+        for low, high in zip(keep, keep[1:] + [_max_fd()]):
+            os.closerange(low + 1, high)
+
+    def worker_main(self, control, parent_end):
         skeleton.reset_child_signals()
         state = {"busy": False, "stop": False, "worker": None}
 
@@ -190,54 +396,43 @@ class WorkerPool:
             if not state["busy"]:
                 if state["worker"] is not None:
                     state["worker"].close()
-                os._exit(0)             # waiting in accept: nothing to lose
-            state["stop"] = True
-            # the port must close now, not when this connection ends: the
-            # kernel would queue new connections that nobody will accept
-            self.listener.close()
+                os._exit(0)             # waiting for a connection: nothing to lose
+            state["stop"] = True        # busy: finish this connection, take no other
         signal.signal(signal.SIGTERM, on_term)
-        for fd in self.wake + (self.status_r, self.watch_w):
-            os.close(fd)
-        os.set_inheritable(self.status_w, False)
+        self.shed(control, parent_end)
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         silence_stderr()
-        me = os.getpid()
 
-        def report(worker_state):
-            os.write(self.status_w, struct.pack(_STATUS, me, worker_state))
+        def tell(message):
+            try:
+                control.send(message)
+                return True
+            except OSError:
+                return False            # the parent retired us, stopped or died
 
         try:
             worker = state["worker"] = self.prepare()
         except Exception as err:    # a bug, not a set-up the worker could report
             self.log.error("setup", reason="%s: %s" % (type(err).__name__, err))
             return NOT_READY
+        leave_said = False
         try:
-            waiter = select.epoll()
-            # EPOLLEXCLUSIVE: one new connection wakes one idle worker, not all of them.
-            waiter.register(self.listener.fileno(),
-                            select.EPOLLIN | select.EPOLLEXCLUSIVE)
-            waiter.register(self.watch_r, select.EPOLLIN)
             served = 0
             limit = self.maxuse if worker.ready else 1
-            while served < limit and not state["stop"] and not worker.exhausted:
+            if not tell(READY):
+                return 0
+            while True:
                 set_title(self.idle_title)
-                events = waiter.poll(WORKER_IDLE_EXIT)
-                if not events:
-                    break                       # idle too long: the parent keeps its spares
-                if any(fd == self.watch_r for fd, _ in events):
-                    break                       # the parent stopped or died
-                try:
-                    conn, _ = self.listener.accept()
-                except OSError:
-                    continue                    # another worker took it
+                fd = _receive(control)
+                if fd is None:
+                    return 0            # end of file: retired, or the parent stopped or died
                 state["busy"] = True
-                report(WORKER_BUSY)
                 served += 1
-                os.dup2(conn.fileno(), 0)
-                os.dup2(conn.fileno(), 1)
-                conn.close()
+                os.dup2(fd, 0)
+                os.dup2(fd, 1)
+                os.close(fd)
                 try:
                     if worker.ready:
                         result = worker.handle()
@@ -251,15 +446,53 @@ class WorkerPool:
                 if result not in (0, None):
                     return result
                 state["busy"] = False
-                if served < limit and not state["stop"] and not worker.exhausted:
-                    report(WORKER_IDLE)
+                if served >= limit or state["stop"] or worker.exhausted:
+                    break
+                if not tell(READY):
+                    return 0
+            leave_said = True
+            tell(DONE)
             return 0
         finally:
-            if worker.ready:
-                # the parent may start a replacement now, before this one is
-                # reaped (one that was not ready is paced by its exit status)
-                report(WORKER_LEAVING)
+            if worker.ready and state["busy"] and not leave_said:
+                tell(DONE)      # its connection failed: the parent may replace it now
             worker.close()
+
+
+def _receive(control):
+    """The next connection's descriptor from the parent, or None at end of file."""
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 16, 1)
+        except OSError:
+            return None
+        if message == CONNECTION and len(fds) == 1:
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        if not message:
+            return None
+
+
+def raise_descriptor_limit(wanted):
+    """The parent holds one socket per worker: raise the soft limit of open
+    files towards `wanted` (never beyond the hard limit)."""
+    import resource     # --daemon only
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (OSError, ValueError):
+                pass
+
+
+def _max_fd():
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (OSError, ValueError):
+        return 1 << 16
 
 
 def _drain(fd):

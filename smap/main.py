@@ -10,7 +10,11 @@ until it ends.  Everything needed after the chroot is imported before it.
 helper (common.lookup: the resolver needs /etc, which the jail lacks),
 chroot and drop to userid once, and then run the same path from "learn the
 peer" on for up to `maxuse` connections, one at a time, each with a new
-session.  `maxuse 1` gives every connection a process of its own.
+session.  `maxuse 1` gives every connection a process of its own.  The
+root parent alone holds the listening socket and passes each connection
+to an idle session process; a session process holds its client's socket,
+its log socket, its helper's socketpair and its socketpair with the
+parent, nothing else.
 """
 
 import _socket
@@ -142,8 +146,10 @@ def jail(config, before_chroot=None):
 
 class SessionWorker:
     """One pre-forked --daemon process: jailed once, then `connection` per
-    client (the interface of common.workers.Worker; not derived from it so
-    that inetd mode need not import that module)."""
+    client that the parent passes to it on fd 0/1 (the interface of
+    common.workers.Worker; not derived from it so that inetd mode need not
+    import that module).  The pool has closed the parent's descriptors
+    before this runs; this opens only its log socket and its helper."""
 
     def __init__(self, config, logger):
         self.config, self.logger = config, logger

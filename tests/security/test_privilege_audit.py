@@ -27,6 +27,12 @@ the root directory.  What DESIGN §1, §5, §7 and §8 require:
 and the pop3-gw session child's memory holds no APOP secret (only the
 monitor does).
 
+No process but the two daemon parents holds a listening socket (TCP,
+TCP6 or unix, from /proc/net): a session process, taken over, cannot
+accept() another client's connection (issue 11, finding 5; the exact
+descriptors each session process may hold are checked in
+test_session_descriptors.py).
+
 No smapd process and no process that reads a client's bytes has uid 0.
 """
 
@@ -39,6 +45,7 @@ import pytest
 from tests.integration import pop3_helpers, realpeers
 from tests.integration import smapd_helpers as helpers
 from tests.integration.pop3_helpers import close_clients, shared_dir  # noqa: F401
+from tests.security import descriptors
 from tests.security.harness import SmapSetup
 
 pytestmark = pytest.mark.integration
@@ -79,6 +86,23 @@ def memory_holds(pid, needle):
             if needle in data:
                 return True
     return False
+
+
+def assert_cannot_accept(pid, listening):
+    """pid holds none of the listening sockets.  A process forked this very
+    moment (the next spare, the next standby) still has its parent's until
+    its first step closes them: that is waited for, bounded; a process gone
+    meanwhile holds nothing."""
+    def holds():
+        try:
+            return descriptors.sockets_of(pid) & listening
+        except FileNotFoundError:
+            return set()
+    try:
+        realpeers.wait_until(lambda: not holds(), 5, what="no listening socket")
+    except TimeoutError:
+        raise AssertionError("%s (pid %d) holds listening socket(s) %s"
+                             % (title_of(pid), pid, sorted(holds()))) from None
 
 
 def assert_jailed(pid, uid, gid, root, what):
@@ -185,6 +209,17 @@ def test_every_live_process_runs_as_the_design_says(tmp_path, shared_dir, rsyslo
             assert root_of(pid) == "/"
             audited[title_of(pid)[:40]] = pid
         assert len(audited) >= 10, audited       # smap x3, scanner, agent, worker, MTA, pop3 x3
+        # only the daemon parents listen; every other process, each session
+        # process above included, holds no socket that accept() would take
+        listening = descriptors.listening_sockets()
+        for daemon_pid in (smap_daemon.pid, pop_daemon.proc.pid):
+            assert descriptors.sockets_of(daemon_pid) & listening
+        others = ([client.proc.pid, smapd.pid] + helpers.descendants_of(smapd.pid)
+                  + helpers.descendants_of(smap_daemon.pid)
+                  + pop3_helpers.session_children(pop_daemon.proc.pid))
+        assert set(audited.values()) - {pop_daemon.proc.pid} <= set(others)
+        for pid in others:
+            assert_cannot_accept(pid, listening)
         client.cmd("QUIT")
         pop_client.command(b"QUIT")
         # the delivery ends as it should: the MTA got exactly one run
