@@ -252,7 +252,7 @@ class WorkerPool:
                 try:
                     socket.send_fds(slot.control, [CONNECTION], [conn.fileno()])
                 except OSError:
-                    self.close_control(slot)    # it died; counts until reaped
+                    self.end(slot)              # it died, or will not take it
                     continue
                 self.set_state(slot, BUSY)
                 slot.served += 1
@@ -272,7 +272,10 @@ class WorkerPool:
         except OSError:
             message = b""
         if not message:
-            self.close_control(slot)
+            # End of file: a worker closes its end only by exiting, so this
+            # one is on its way out; an empty message from one that is not
+            # must not leave a process that counts as a spare: both end.
+            self.end(slot)
             return
         if message == READY and slot.state in (STARTING, BUSY):
             if slot.served >= self.maxuse:
@@ -286,11 +289,17 @@ class WorkerPool:
         else:
             self.log.warning("worker", pid=slot.pid, state=slot.state,
                              reason="unexpected message; killed")
-            self.close_control(slot)
-            try:
-                os.kill(slot.pid, signal.SIGKILL)   # our unreaped child: the pid is its
-            except OSError:
-                pass
+            self.end(slot)
+
+    def end(self, slot):
+        """No further word from this worker: close its socketpair and kill
+        it (an exiting process keeps its exit status; SIGKILL is ignored
+        then).  It counts until it is reaped."""
+        self.close_control(slot)
+        try:
+            os.kill(slot.pid, signal.SIGKILL)   # our unreaped child: the pid is its
+        except OSError:
+            pass
 
     def retire(self, slot):
         """The worker gets no further connection: end of file tells it to leave."""

@@ -253,12 +253,15 @@ def alive(pid):
 class ChattyWorker(workers.Worker):
     """Taken over: it says on its socketpair what the protocol does not allow."""
 
+    def __init__(self, message):
+        self.message = message
+
     def handle(self):
         os.write(1, b"%d\n" % os.getpid())
         for fd, target in open_descriptors().items():
             if fd > 2 and target.startswith("socket:["):
                 try:
-                    os.write(fd, b"x")
+                    os.write(fd, self.message)
                 except OSError:
                     pass
         while os.read(0, 100):
@@ -266,8 +269,9 @@ class ChattyWorker(workers.Worker):
         return 0
 
 
-def test_a_worker_that_breaks_the_protocol_is_killed_and_the_pool_goes_on(pool_factory):
-    _, port = pool_factory(maxchildren=3, maxuse=100, prepare=ChattyWorker)
+@pytest.mark.parametrize("message", [b"x", b"rr", b"", b"c"])
+def test_a_worker_that_breaks_the_protocol_is_killed_and_the_pool_goes_on(pool_factory, message):
+    _, port = pool_factory(maxchildren=3, maxuse=100, prepare=lambda: ChattyWorker(message))
     sock = connect(port)
     try:
         chatty = int(first_line(sock))
