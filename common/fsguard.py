@@ -19,9 +19,11 @@ descriptors:
   TLS keys): the directories as above, the file itself regular, not a link,
   owned by a trusted user and writable by no one else; `secret=True` also
   refuses a file others may read.
-* `ensure_directory`, `ensure_fifo` and `open_regular` make or open one
-  entry inside an already opened directory, without following a link, and
-  check the type and owner of what they got after opening it.
+* `open_or_make_directory(path)` is `open_directory` after making what is
+  missing of path, each directory inside its checked parent's descriptor.
+* `ensure_directory`, `ensure_fifo`, `open_fifo` and `open_regular` make or
+  open one entry inside an already opened directory, without following a
+  link, and check the type and owner of what they got after opening it.
 
 Every refusal is an `UnsafePath` whose text is `PATH: reason`, the one line
 a program prints before it refuses to start.
@@ -199,22 +201,57 @@ def ensure_directory(dir_fd, name, mode, uid=None, gid=None, shown=None):
 
 
 def ensure_fifo(dir_fd, name, mode, uid=None, gid=None, shown=None):
-    """Make the FIFO dir_fd/name if missing and give it to uid:gid without
-    following a link (fchownat with AT_SYMLINK_NOFOLLOW after an lstat that
-    says it is a FIFO of root's or uid's); nothing is opened."""
+    """Make the FIFO dir_fd/name if missing and give it to uid:gid through a
+    descriptor of it (open_fifo: no link followed, a FIFO of root's or
+    uid's with one link); nothing stays open."""
     shown = shown or name
     try:
         os.mkfifo(name, mode, dir_fd=dir_fd)
     except FileExistsError:
         pass
-    info = os.lstat(name, dir_fd=dir_fd)
     owners = (0,) + ((uid,) if uid is not None else ()) + trusted_owners()
-    if stat.S_ISLNK(info.st_mode):
+    fd = open_fifo(dir_fd, name, os.O_RDONLY, owners, shown)
+    try:
+        if uid is not None:
+            os.fchown(fd, uid, gid if gid is not None else -1)
+    finally:
+        os.close(fd)
+
+
+def open_fifo(dir_fd, name, flags, owners=None, shown=None):
+    """A non-blocking descriptor of the FIFO dir_fd/name (flags: O_RDONLY,
+    O_RDWR...), never following a link.  What is there is looked at first
+    (lstat), so that nothing but a FIFO is ever opened (opening a device
+    can have effects); after opening, it must still be that FIFO, owned by
+    one of owners (default: the trusted owners), with one link (a hard link
+    to a FIFO of root's elsewhere would hand that one over)."""
+    shown = shown or name
+    owners = trusted_owners() if owners is None else tuple(owners)
+    try:
+        seen = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise UnsafePath(shown, "does not exist", missing=True) from None
+    if stat.S_ISLNK(seen.st_mode):
         raise UnsafePath(shown, "is a symbolic link, not a FIFO")
-    _check_entry(info, shown, stat.S_ISFIFO, "FIFO", owners)
-    if uid is not None:
-        os.chown(name, uid, gid if gid is not None else -1, dir_fd=dir_fd,
-                 follow_symlinks=False)
+    _check_entry(seen, shown, stat.S_ISFIFO, "FIFO", owners)
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafePath(shown, "is a symbolic link, not a FIFO") from None
+        raise UnsafePath(shown, err.strerror or str(err)) from None
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (seen.st_dev, seen.st_ino):
+            raise UnsafePath(shown, "was replaced while it was being opened")
+        _check_entry(info, shown, stat.S_ISFIFO, "FIFO", owners)
+        if info.st_nlink != 1:
+            raise UnsafePath(shown, "has %d hard links" % info.st_nlink)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def open_regular(dir_fd, name, flags, mode=0o600, owners=None, shown=None):
@@ -241,3 +278,37 @@ def open_regular(dir_fd, name, flags, mode=0o600, owners=None, shown=None):
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_or_make_directory(path, mode=0o755, owners=None, writable_last=True):
+    """open_directory(path, owners, writable_last), after making what is
+    missing of it: each missing directory is made (the last one with mode,
+    those above it 0755; root's, or the invoking user's) inside its
+    parent's descriptor, and only under parents
+    that pass the checks of open_directory, so nothing is made through a
+    link or in a directory others may write (unless sticky)."""
+    try:
+        return open_directory(path, owners, writable_last)
+    except UnsafePath as err:
+        if not err.missing:
+            raise
+    trusted = trusted_owners()
+    parts = _components(path)
+    fd = os.open("/", DIRECTORY_FLAGS)
+    shown = "/"
+    try:
+        for index, part in enumerate(parts):
+            _check_step(os.fstat(fd), shown, trusted)
+            shown = "/" + "/".join(parts[:index + 1])
+            try:
+                os.mkdir(part, mode if index == len(parts) - 1 else 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            except OSError as err:
+                raise UnsafePath(shown, err.strerror or str(err)) from None
+            next_fd = _open_step(part, fd, shown)
+            os.close(fd)
+            fd = next_fd
+    finally:
+        os.close(fd)
+    return open_directory(path, owners, writable_last)
