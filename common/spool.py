@@ -29,6 +29,8 @@ import os
 import time
 
 MAGIC = b"MAILWALL-SPOOL 1\n"
+from common import fsguard
+
 END = b"\nMAILWALL-END "
 TMP, QUEUE, STATE, BAD = "tmp", "queue", "state", "bad"
 TRIGGER = ".trigger"
@@ -44,24 +46,74 @@ class SpoolError(Exception):
 
 
 def make_dirs(root, uid=None, gid=None):
-    """Create the spool (if missing, mode 0755), its subdirectories (mode
-    0700) and the trigger FIFO."""
-    os.makedirs(root, 0o755, exist_ok=True)
-    for name in (TMP, QUEUE, STATE, BAD):
-        path = os.path.join(root, name)
+    """Create the spool (if missing: mode 0755, root's), its subdirectories
+    (mode 0700) and the trigger FIFO, given to uid:gid (see open_spool)."""
+    os.close(open_spool(root, uid, gid))
+
+
+def open_spool(root, uid=None, gid=None, own_top=False, top_mode=0o755, set_modes=False):
+    """The O_DIRECTORY descriptor of the spool, after making what is missing
+    of it and giving its entries (and with own_top the spool itself) to
+    uid:gid; set_modes also resets the modes (top_mode, 0700, FIFO 0600).
+
+    The spool is uucp's, so root works in it only through descriptors and
+    never follows a link (common.fsguard): the spool and every directory
+    above it are reached without a link, those above are root's alone; the
+    spool, tmp/, queue/, state/, bad/ and .trigger must be of their type and
+    root's or uid's.  Anything else raises fsguard.UnsafePath, whose text is
+    the one line `PATH: reason` the caller refuses with."""
+    owners = (0,) + ((uid,) if uid is not None else ()) + fsguard.trusted_owners()
+    top = fsguard.open_or_make_directory(root, top_mode, owners)
+    try:
+        if own_top and uid is not None:
+            os.fchown(top, uid, gid if gid is not None else -1)
+        if set_modes:
+            os.fchmod(top, top_mode)
+        for name in (TMP, QUEUE, STATE, BAD):
+            fd = fsguard.ensure_directory(top, name, 0o700, uid, gid,
+                                          shown=os.path.join(root, name))
+            try:
+                if set_modes:
+                    os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+        shown = os.path.join(root, TRIGGER)
         try:
-            os.mkdir(path, 0o700)
+            os.mkfifo(TRIGGER, 0o600, dir_fd=top)
         except FileExistsError:
             pass
-        if uid is not None:
-            os.chown(path, uid, gid)
-    fifo = os.path.join(root, TRIGGER)
+        fd = fsguard.open_fifo(top, TRIGGER, os.O_RDONLY, owners, shown)
+        try:
+            if uid is not None:
+                os.fchown(fd, uid, gid if gid is not None else -1)
+            if set_modes:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        return top
+    except BaseException:
+        os.close(top)
+        raise
+
+
+def install_spool(root, user):
+    """`make install`'s spool: made or checked as open_spool does, mode 0700
+    and FIFO 0600, all given to user when run by root.  Returns the exit
+    status; a refusal is one line `make install: PATH: reason` on stderr."""
+    import pwd
+    import sys
+    uid = gid = None
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam(user)
+        uid, gid = entry.pw_uid, entry.pw_gid
     try:
-        os.mkfifo(fifo, 0o600)
-    except FileExistsError:
-        pass
-    if uid is not None:
-        os.chown(fifo, uid, gid)
+        os.close(open_spool(root, uid, gid, own_top=True, top_mode=0o700, set_modes=True))
+    except (fsguard.UnsafePath, OSError) as err:
+        sys.stderr.write("make install: %s\n" % err)
+        return 1
+    if uid is None:
+        sys.stdout.write("make install: not root: %s is not chowned to %s\n" % (root, user))
+    return 0
 
 
 _counter = [0]

@@ -19,10 +19,11 @@ parent, nothing else.
 
 import _socket
 import os
+import stat
 import sys
 import time
 
-from common import cli, hostmatch, lineio, log, privs, skeleton, spool
+from common import cli, fsguard, hostmatch, lineio, log, privs, skeleton, spool
 from smap import session
 
 USAGE = """usage: smap [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F]] [--version]
@@ -134,11 +135,29 @@ def connection(config, logger, worker=None):
 def jail(config, before_chroot=None):
     """Make sure of the spool, then chroot to it and drop to userid (True),
     or nothing when not started as root (False).  before_chroot(uid, gid)
-    runs as root just before the chroot."""
+    runs as root just before the chroot.
+
+    The spool is uucp's: root only looks (lstat) whether queue/ is a
+    directory; when it is not, spool.make_dirs makes what is missing on
+    descriptors without following a link.  Otherwise root checks only that
+    the spool and the directories above it are reached without a link and
+    that those above are root's, so that chroot() by name lands there.  A
+    link or a foreign owner is refused as a PrivilegeError `PATH: reason`
+    (the caller logs it and answers 421)."""
     directory = config.get("directory")
     uid, gid, _ = privs.user_and_group(config)
-    if not os.path.isdir(os.path.join(directory, spool.QUEUE)):
-        spool.make_dirs(directory, uid if os.geteuid() == 0 else None, gid)
+    root = os.geteuid() == 0
+    try:
+        try:
+            queue_made = stat.S_ISDIR(os.lstat(os.path.join(directory, spool.QUEUE)).st_mode)
+        except OSError:
+            queue_made = False
+        if not queue_made:
+            spool.make_dirs(directory, uid if root else None, gid)
+        elif root:
+            os.close(fsguard.open_directory(directory, owners=(0, uid)))
+    except fsguard.UnsafePath as err:
+        raise privs.PrivilegeError(str(err)) from None
     if before_chroot:
         before_chroot(uid, gid)
     return privs.drop(directory, uid, gid)

@@ -1,28 +1,39 @@
 """smapd's start-up sequence, its single-instance lock, the pid file,
 `--flush` and the `-q` queue listing.
 
-Start-up (as root): check the table, make the spool, take the lock
-`.smapd.lock` (a second smapd on the same spool refuses to run),
-daemonise unless -F/--once, write the pid file `.smapd.pid` in the spool,
-warm up everything the jailed scanner needs, fork the delivery agent
-(setuid `userid`, no chroot), open the trigger FIFO, then chroot to the
-spool and drop to `userid` and run the scanner.  No process keeps root.
+Start-up (as root): check the table; make the spool, its subdirectories,
+baddir and the trigger FIFO and give them to `userid`; take the lock
+`.smapd.lock` (a second smapd on the same spool refuses to run) and open
+the trigger FIFO; daemonise unless -F/--once; warm up everything the
+jailed scanner needs, fork the delivery agent (setuid `userid`, no
+chroot), then chroot to the spool and drop to `userid`, write the pid file
+`.smapd.pid` and run the scanner.  No process keeps root.
+
+The spool belongs to `userid`, so whatever root does there goes through
+descriptors and never follows a link (common.fsguard, DESIGN §12.6): a
+link, a hard link, another type or a foreign owner where the spool's own
+entries should be makes smapd refuse to start with one line `PATH:
+reason`.  The pid file is written by the scanner after the drop, with
+`userid`'s rights only.
 
 The pid file lives in the spool (`DIRECTORY/.smapd.pid`): one per spool,
 so several smapd on several spools do not collide, and the jailed scanner
 can remove it when it stops.  Because the spool belongs to `userid`,
-`--flush` does not trust the file blindly: it signals the pid only while
-the lock is held and when /proc says the process is an smapd.
+`--flush` does not trust the file blindly: it reads it without following
+a link and signals the pid only while the lock is held and when /proc says
+the process is an smapd.  `-q` lists the spool after the same jail and
+drop as the scanner's.
 """
 
 import fcntl
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 
-from common import log, privs, skeleton, spool
+from common import fsguard, log, privs, skeleton, spool
 from smapd import agent, bounce, checks, scan, state
 
 PROGRAM = "smapd"
@@ -33,10 +44,19 @@ class AlreadyRunning(Exception):
     pass
 
 
-def take_lock(directory):
-    """The open, flocked lock file; AlreadyRunning if another smapd holds it."""
-    fd = os.open(os.path.join(directory, spool.LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
-                 0o600)
+def spool_owners(uid):
+    """Who may own the spool and what root opens in it: root, userid, and
+    the invoking user when not started as root."""
+    return tuple(sorted({0, uid} | set(fsguard.trusted_owners())))
+
+
+def take_lock(dir_fd, directory, owners):
+    """The open, flocked lock file in the spool (dir_fd); AlreadyRunning if
+    another smapd holds it.  Opened without following a link and refused
+    (fsguard.UnsafePath) unless it is a regular file of owners' with one
+    link: uucp could have put a hard link to a file of root's there."""
+    fd = fsguard.open_regular(dir_fd, spool.LOCK, os.O_RDWR | os.O_CREAT, 0o600, owners,
+                              shown=os.path.join(directory, spool.LOCK))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -45,38 +65,69 @@ def take_lock(directory):
     return fd
 
 
-def lock_is_held(directory):
+def lock_is_held(dir_fd, directory, owners):
     try:
-        fd = take_lock(directory)
+        fd = take_lock(dir_fd, directory, owners)
     except AlreadyRunning:
         return True
-    except OSError:
+    except (OSError, fsguard.UnsafePath):
         return False
     os.close(fd)
     return False
 
 
-def write_pidfile(directory):
-    path = os.path.join(directory, PIDFILE)
+def write_pidfile(base):
+    """Write base/.smapd.pid (temporary name, then rename).  Called by the
+    scanner after it dropped to userid: the spool is that user's, so the
+    file is made with that user's rights only; a link or a stale file
+    planted at the temporary name is removed, never followed."""
+    path = os.path.join(base, PIDFILE)
     temporary = "%s.%d" % (path, os.getpid())
-    with open(temporary, "w") as out:
-        out.write("%d\n" % os.getpid())
+    try:
+        os.unlink(temporary)
+    except FileNotFoundError:
+        pass
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        os.write(fd, b"%d\n" % os.getpid())
+    finally:
+        os.close(fd)
     os.rename(temporary, path)
 
 
-def read_pid(directory):
+def read_pid(dir_fd, owners):
+    """The pid in the spool's pid file (dir_fd), or None.  Root reads it
+    from a directory that uucp writes: a regular file of owners' with one
+    link, opened without following a link or blocking, read bounded."""
     try:
-        with open(os.path.join(directory, PIDFILE)) as source:
-            return int(source.read(32).strip())
+        fd = fsguard.open_regular(dir_fd, PIDFILE, os.O_RDONLY, owners=owners)
+    except (OSError, fsguard.UnsafePath):
+        return None
+    try:
+        return int(os.read(fd, 32).strip())
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
 def flush(config, stream):
     """--flush: SIGUSR1 to the running smapd; 0 when sent, 1 otherwise."""
     directory = config.get("directory")
-    pid = read_pid(directory)
-    if pid is None or not lock_is_held(directory):
+    uid, _, _ = privs.user_and_group(config)
+    owners = spool_owners(uid)
+    try:
+        dir_fd = fsguard.open_directory(directory, owners=owners)
+    except fsguard.UnsafePath as err:
+        stream.write("smapd: %s\n" % (("not running on %s" % directory) if err.missing else err))
+        return 1
+    try:
+        pid = read_pid(dir_fd, owners)
+        running = pid is not None and lock_is_held(dir_fd, directory, owners)
+    finally:
+        os.close(dir_fd)
+    if not running:
         stream.write("smapd: not running on %s\n" % directory)
         return 1
     try:
@@ -91,10 +142,28 @@ def flush(config, stream):
     return 0
 
 
-def listing(config, stream):
-    """-q: the queue like mailq (id, age, size, sender, attempts, error, recipients)."""
+def listing(config, stream, errors=sys.stderr):
+    """-q: the queue like mailq (id, age, size, sender, attempts, error,
+    recipients).  Everything in the spool is uucp's to change, so the
+    listing is made after the same jail and drop as the scanner's (started
+    as root): what a link there points to is read with uucp's rights
+    inside the spool, if at all."""
     directory = config.get("directory")
-    names = spool.queued(directory)
+    uid, gid, _ = privs.user_and_group(config)
+    try:
+        os.close(fsguard.open_directory(directory, owners=spool_owners(uid)))
+        jailed = privs.drop(directory, uid, gid)
+    except fsguard.UnsafePath as err:
+        if err.missing:
+            stream.write("Mail queue is empty\n")
+            return 0
+        errors.write("smapd: %s\n" % err)
+        return 1
+    except (OSError, privs.PrivilegeError) as err:
+        errors.write("smapd: %s: %s\n" % (directory, getattr(err, "strerror", None) or err))
+        return 1
+    base = "/" if jailed else directory
+    names = spool.queued(base)
     now = time.time()
     if not names:
         stream.write("Mail queue is empty\n")
@@ -102,17 +171,20 @@ def listing(config, stream):
     stream.write("%-24s %8s %9s  %s\n" % ("Queue ID", "Age", "Size", "Sender / Recipients"))
     for name in names:
         try:
-            fd = os.open(os.path.join(directory, spool.QUEUE, name), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(os.path.join(base, spool.QUEUE, name),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)   # a FIFO must not hang -q
         except OSError:
             continue
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise spool.SpoolError("not a regular file")
             envelope, _, length = spool.locate(fd)
         except (spool.SpoolError, OSError) as err:
             stream.write("%-24s %8s %9s  (unreadable: %s)\n" % (name, "-", "-", err))
             continue
         finally:
             os.close(fd)
-        record = state.load(directory, name)
+        record = state.load(base, name)
         stream.write("%-24s %8s %9d  <%s> attempts=%d\n" % (
             name, age_text(now - envelope["arrival"]), length, envelope["sender"],
             record.attempts))
@@ -157,6 +229,50 @@ def warm_up():
     return socket.getfqdn()
 
 
+def make_baddir(dir_fd, directory, baddir, uid, gid):
+    """Make baddir (inside the spool) component by component under the
+    spool's descriptor, each a directory of root's or uid's reached without
+    a link and given to uid:gid; raises fsguard.UnsafePath."""
+    relative = os.path.relpath(os.path.normpath(baddir), directory)
+    if relative == ".." or relative.startswith("../"):
+        # only when not started as root (start refuses it otherwise): the
+        # invoking user's own directories, nobody's privileges at stake
+        os.makedirs(baddir, 0o700, exist_ok=True)
+        return
+    fd = os.dup(dir_fd)
+    shown = directory
+    try:
+        for part in [] if relative == "." else relative.split("/"):
+            shown = os.path.join(shown, part)
+            next_fd = fsguard.ensure_directory(fd, part, 0o700, uid, gid, shown=shown)
+            os.close(fd)
+            fd = next_fd
+    finally:
+        os.close(fd)
+
+
+def prepare_spool(directory, baddir, uid, gid, root):
+    """Everything smapd does in the spool before the drop, on descriptors:
+    make it (spool.open_spool), give it to uid when root, make baddir, take
+    the lock and open the trigger FIFO.  Returns (lock fd, trigger fd);
+    raises fsguard.UnsafePath (`PATH: reason`) or AlreadyRunning."""
+    owners = spool_owners(uid)
+    dir_fd = spool.open_spool(directory, uid if root else None, gid, own_top=root)
+    try:
+        make_baddir(dir_fd, directory, baddir, uid if root else None, gid)
+        lock_fd = take_lock(dir_fd, directory, owners)
+        try:
+            # read and write: the FIFO never sees end of file while smapd runs
+            trigger = fsguard.open_fifo(dir_fd, spool.TRIGGER, os.O_RDWR, owners,
+                                        shown=os.path.join(directory, spool.TRIGGER))
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return lock_fd, trigger
+    finally:
+        os.close(dir_fd)
+
+
 def start(config, options, stderr):
     """Run smapd; returns the exit status of the scanner."""
     directory = config.get("directory")
@@ -168,25 +284,22 @@ def start(config, options, stderr):
         return 1
     echo = stderr if options.foreground and stderr.isatty() else None
     logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
-    spool.make_dirs(directory, uid if root else None, gid)
-    if not os.path.isdir(baddir):
-        os.makedirs(baddir, 0o700)
-        if root:
-            os.chown(baddir, uid, gid)
-    if root:
-        os.chown(directory, uid, gid)
     try:
-        lock_fd = take_lock(directory)
-    except AlreadyRunning as err:
-        stderr.write("smapd: %s\n" % err)
+        lock_fd, trigger = prepare_spool(directory, baddir, uid, gid, root)
+    except fsguard.UnsafePath as err:
+        stderr.write("%s\n" % err)
         logger.error("refuse", reason=str(err))
+        return 1
+    except (AlreadyRunning, OSError) as err:
+        reason = str(err) if isinstance(err, AlreadyRunning) else \
+            "%s: %s" % (directory, err.strerror or err)
+        stderr.write("smapd: %s\n" % reason)
+        logger.error("refuse", reason=reason)
         return 1
     once = "--once" in options.flags
     if not options.foreground and not once:
-        keep = [lock_fd] + ([logger.sock.fileno()] if logger.sock else [])
+        keep = [lock_fd, trigger] + ([logger.sock.fileno()] if logger.sock else [])
         skeleton.daemonize(keep_fds=keep)
-    if not once:
-        write_pidfile(directory)
     reporting_mta = warm_up()
     scanner_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -194,6 +307,7 @@ def start(config, options, stderr):
         status = 1
         try:
             os.close(lock_fd)
+            os.close(trigger)
             scanner_end.close()
             privs.drop(directory, uid, gid, chroot=False)
             os.chdir("/")
@@ -203,12 +317,17 @@ def start(config, options, stderr):
         finally:
             os._exit(status)
     agent_end.close()
-    trigger = os.open(os.path.join(directory, spool.TRIGGER), os.O_RDWR | os.O_NONBLOCK)
     jailed = privs.drop(directory, uid, gid)
     if not jailed:
         logger.warning("unprivileged", user=user,
                        reason="not started as root: no chroot, no setuid")
     base = "/" if jailed else directory
+    if not once:
+        try:
+            write_pidfile(base)         # as userid, in its own spool
+        except OSError as err:
+            logger.error("pidfile", reason="%s: %s" % (os.path.join(directory, PIDFILE),
+                                                         err.strerror or err))
     logger.info("start", directory=directory, agent=pid, once="yes" if once else None)
     scanner = scan.Scanner(base, config, logger, scanner_end, trigger, reporting_mta,
                            jailed_path(baddir, directory, jailed), once)
@@ -219,9 +338,21 @@ def start(config, options, stderr):
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-    elif read_pid(base) == os.getpid():
-        try:
-            os.unlink(os.path.join(base, PIDFILE))
-        except OSError:
-            pass
+    else:
+        remove_pidfile(base)
     return status
+
+
+def remove_pidfile(base):
+    """The scanner's last act: remove the pid file if it is still its own."""
+    try:
+        dir_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if read_pid(dir_fd, spool_owners(os.geteuid())) == os.getpid():
+            os.unlink(PIDFILE, dir_fd=dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
