@@ -28,9 +28,9 @@ import errno
 import os
 import time
 
-MAGIC = b"MAILWALL-SPOOL 1\n"
 from common import fsguard
 
+MAGIC = b"MAILWALL-SPOOL 1\n"
 END = b"\nMAILWALL-END "
 TMP, QUEUE, STATE, BAD = "tmp", "queue", "state", "bad"
 TRIGGER = ".trigger"
