@@ -28,29 +28,27 @@ child trusts its monitor (root) and nothing else.
 """
 import os
 import socket
-import stat
 import time
 import urllib.parse
 
-from common import apop, hostmatch, lineio, privs, skeleton
+from common import apop, fsguard, hostmatch, lineio, privs, skeleton
 from pop3gw import authority, relay, session, upstream
 
 MAX_ADDRESSES = 8
 
 
 def prepare_directory(path, logger):
-    """The chroot: created (root, 0755) if missing; refused if others may write it."""
+    """The chroot: created (root, 0755) if missing; refused unless it and
+    every directory above it are root's, reached without a link and not
+    writable by others (sshd's ChrootDirectory rule): privs.drop chroots by
+    name, and a directory someone else may write on the way would let them
+    put their own tree there."""
     if os.geteuid() != 0:
         return True
     try:
-        os.makedirs(path, 0o755, exist_ok=True)
-        info = os.stat(path)
-    except OSError as err:
-        logger.error("directory", path=path, reason=err.strerror)
-        return False
-    if info.st_uid != 0 or info.st_mode & 0o022 or not stat.S_ISDIR(info.st_mode):
-        logger.error("directory", path=path,
-                     reason="the chroot must be a directory owned by root, not group/other writable")
+        os.close(fsguard.open_or_make_directory(path, 0o755, owners=(0,), writable_last=False))
+    except fsguard.UnsafePath as err:
+        logger.error("directory", path=path, reason=str(err))
         return False
     return True
 
