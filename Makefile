@@ -41,7 +41,10 @@ bench: $(VENV)/.installed
 # setproctitle live (python3-daemon python3-setproctitle).  No virtualenv:
 # the daemons start as root and must not depend on a build tree.
 # Configuration and the spool are never overwritten; the spool belongs to
-# uucp, mode 0700.
+# uucp, mode 0700.  A spool that exists already may have been changed by
+# uucp, so it is made and chowned by common.spool.install_spool (the code
+# smap and smapd use): on descriptors, no link followed, and a link or an
+# entry of the wrong type or owner stops the install with `PATH: reason`.
 PREFIX     ?= /usr/local
 DESTDIR    ?=
 SBINDIR    ?= $(PREFIX)/sbin
@@ -83,14 +86,8 @@ install:
 	  sed -e 's|/usr/local/sbin|$(SBINDIR)|g' -e 's|/etc/mailwall|$(SYSCONFDIR)/mailwall|g' \
 	      -e 's|/var/spool/smap|$(SPOOLDIR)|g' $$unit > $(DESTDIR)$(DOCDIR)/examples/systemd/$${unit##*/} || exit 1; \
 	done
-	install -d -m 0700 $(DESTDIR)$(SPOOLDIR)
-	for sub in queue tmp state bad; do install -d -m 0700 $(DESTDIR)$(SPOOLDIR)/$$sub || exit 1; done
-	test -p $(DESTDIR)$(SPOOLDIR)/.trigger || mkfifo -m 0600 $(DESTDIR)$(SPOOLDIR)/.trigger
-	if [ "$$(id -u)" = 0 ]; then \
-	  chown $(SPOOLUSER):$(SPOOLUSER) $(DESTDIR)$(SPOOLDIR) $(DESTDIR)$(SPOOLDIR)/queue \
-	    $(DESTDIR)$(SPOOLDIR)/tmp $(DESTDIR)$(SPOOLDIR)/state $(DESTDIR)$(SPOOLDIR)/bad \
-	    $(DESTDIR)$(SPOOLDIR)/.trigger; \
-	else echo "make install: not root: $(SPOOLDIR) is not chowned to $(SPOOLUSER)"; fi
+	$(INSTALL_PYTHON) -IS -c 'import sys; sys.path.insert(0, sys.argv[1]); from common import spool; sys.exit(spool.install_spool(sys.argv[2], sys.argv[3]))' \
+	  $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SPOOLDIR) $(SPOOLUSER)
 	install -d -m 0755 $(DESTDIR)$(EMPTYDIR)
 	@$(INSTALL_PYTHON) -IS -c 'import sys; sys.path.append("$(PYTHON_DISTPACKAGES)"); import daemon, setproctitle' 2>/dev/null || \
 	  echo "make install: also install python3-daemon and python3-setproctitle (apt-get install python3-daemon python3-setproctitle)"
