@@ -9,6 +9,8 @@ path; the parent reaps its children, bounds their number and answers
 SIGTERM (stop accepting) and SIGHUP (the program's reload hook).  smap's
 --daemon uses common.workers instead (pre-forked, reused processes).  The skeleton trusts its caller's
 handler to drop privileges; it never does work for a client itself.
+What can fail at start-up here (listen, the pid file, detaching) raises
+cli.StartupError with a one-line reason.
 """
 
 import _socket
@@ -16,6 +18,8 @@ import errno
 import os
 import select
 import sys
+
+from common import cli
 
 # `signal` and `socket` (both build enums at import) are imported only by
 # the --daemon code below: smap under inetd starts a fresh interpreter for
@@ -87,13 +91,24 @@ def peer_of_fd(fd=0):
         return None
 
 
-def listen(host, port, backlog=128):
+def listen(host, port, backlog=128, name=None):
+    """A listening socket on host:port; StartupError `NAME: reason` when the
+    address is busy or not ours (name: what the administrator typed)."""
     import socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    listener.listen(backlog)
+    try:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        raise cli.StartupError("%s: %s" % (name or host, err.strerror or err)) from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(backlog)
+    except OSError as err:
+        listener.close()
+        where = name or ("[%s]:%d" % (host, port) if family == socket.AF_INET6
+                         else "%s:%d" % (host, port))
+        raise cli.StartupError("%s: %s" % (where, err.strerror or err)) from None
     return listener
 
 
@@ -256,33 +271,92 @@ class Daemon:
         run_child(child)
 
 
-def daemonize(pidfile=None, keep_fds=()):
-    """Detach with python-daemon (imported only here: inetd mode never pays for it)."""
+# Set by daemonize: stderr is /dev/null from then on, so cli.program logs a
+# start-up failure instead (to detached_log, or to syslog's default socket).
+detached = False
+detached_log = None
+
+
+def daemonize(pidfile=None, keep_fds=(), logger=None):
+    """Detach with python-daemon (imported only here: inetd mode never pays
+    for it).  What would make it fail after the fork, where no one sees
+    stderr (a pid file held by a running process, or one that cannot be
+    made), is checked before, as StartupError; a failure of its own is
+    StartupError too, and logged when it comes after the fork."""
+    global detached, detached_log
     import daemon
     import daemon.pidfile
+    if pidfile:
+        check_pidfile(pidfile)
+        _probe_directory(pidfile)
     context = daemon.DaemonContext(
         working_directory="/", umask=0o022, detach_process=True,
         files_preserve=list(keep_fds),
         pidfile=daemon.pidfile.TimeoutPIDLockFile(pidfile) if pidfile else None,
         signal_map={})
-    context.open()
+    before = os.getpid()
+    try:
+        context.open()
+    except Exception as err:    # noqa: BLE001  (python-daemon's and lockfile's own classes)
+        reason = "cannot detach: %s" % cli.describe(err)
+        if os.getpid() != before:
+            detached, detached_log = True, logger
+        raise cli.StartupError(reason) from None
+    detached, detached_log = True, logger
     return context
 
 
-def write_pidfile(path):
-    """Write our pid (foreground mode); refuses if a live process holds it."""
+def check_pidfile(path):
+    """StartupError when the pid file names a live process other than this
+    one; a stale or unreadable-as-a-number one is removed."""
     try:
         with open(path) as existing:
-            other = int(existing.read().strip() or 0)
-        if other and other != os.getpid():
-            try:
-                os.kill(other, 0)
-                raise RuntimeError("already running as pid %d (%s)" % (other, path))
-            except ProcessLookupError:
-                pass
-    except (OSError, ValueError):
+            text = existing.read(64).strip()
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise cli.StartupError("%s: %s" % (path, err.strerror)) from None
+    other = int(text) if text.isdigit() and text.isascii() else 0
+    if other and other != os.getpid():
+        try:
+            os.kill(other, 0)
+        except ProcessLookupError:
+            pass
+        except PermissionError:     # alive, another user's
+            raise cli.StartupError("%s: already running as pid %d" % (path, other)) from None
+        else:
+            raise cli.StartupError("%s: already running as pid %d" % (path, other))
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
         pass
-    tmp = "%s.%d" % (path, os.getpid())
-    with open(tmp, "w") as out:
-        out.write("%d\n" % os.getpid())
-    os.rename(tmp, path)
+    except OSError as err:
+        raise cli.StartupError("%s: %s" % (path, err.strerror)) from None
+
+
+def _probe_directory(path):
+    """StartupError unless a file can be made beside `path` (its directory
+    exists, is one and is writable)."""
+    probe = "%s.%d" % (path, os.getpid())
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+        os.unlink(probe)
+    except OSError as err:
+        raise cli.StartupError("%s: %s" % (path, err.strerror)) from None
+
+
+def write_pidfile(path):
+    """Write our pid (foreground mode); StartupError naming the pid and the
+    file if a live process holds it, or when it cannot be written."""
+    check_pidfile(path)
+    temporary = "%s.%d" % (path, os.getpid())
+    try:
+        with open(temporary, "w") as out:
+            out.write("%d\n" % os.getpid())
+        os.rename(temporary, path)
+    except OSError as err:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise cli.StartupError("%s: %s" % (path, err.strerror)) from None

@@ -151,23 +151,19 @@ def run(path, args, stdin=None, ask=getpass.getpass):
     raise cli.UsageError("bad command or arguments: %s" % " ".join(args))
 
 
+@cli.program(PROGRAM, USAGE)
 def main(argv=None):
+    """cli.program turns a start-up error into one line `authmgr: reason`
+    (a UsageError: that line and the usage text)."""
     argv = sys.argv[1:] if argv is None else argv
     # options end where the command begins (a password may start with '-')
     split = next((i for i, a in enumerate(argv) if not a.startswith("-")
                   and (i == 0 or argv[i - 1] not in ("-c", "--config"))), len(argv))
-    try:
-        options = cli.parse(argv[:split], USAGE)
-    except cli.UsageError as err:
-        sys.stderr.write("authmgr: %s\n%s" % (err, USAGE))
-        return 2
+    options = cli.parse(argv[:split], USAGE)
     config = cli.load_or_die(options, PROGRAM, sys.stderr)
     try:
         sys.stdout.write(run(config.get("authfile"), argv[split:]))
-    except cli.UsageError as err:
-        sys.stderr.write("authmgr: %s\n%s" % (err, USAGE))
-        return 2
-    except (Refused, authdb.AuthDbError, OSError) as err:
+    except (Refused, authdb.AuthDbError) as err:
         sys.stderr.write("authmgr: %s\n" % err)
         return 1
     return 0

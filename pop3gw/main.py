@@ -193,17 +193,26 @@ def take_pidfile(argv):
     return rest, pidfile
 
 
+def refuse_inetd(reason):
+    """Start-up failed in inetd mode: one log line (default socket), a
+    temporary -ERR to the client, nothing on fd 2."""
+    log.Log(PROGRAM).error("abort", reason=reason)
+    try:
+        os.write(1, b"-ERR [SYS/TEMP] service not available, try again later\r\n")
+    except OSError:
+        pass
+    return 1
+
+
+@cli.program(PROGRAM, USAGE, refuse=refuse_inetd)
 def main(argv=None):
+    """cli.program has silenced fd 2 under inetd, and turns a start-up
+    error into one line (or, under inetd, refuse_inetd's -ERR)."""
     argv, pidfile = take_pidfile(sys.argv[1:] if argv is None else argv)
     inetd = cli.inetd_mode(argv)
-    if inetd:
-        skeleton.silence_stderr()   # fd 2 is the client's socket under inetd
-    try:
-        options = cli.parse(argv, USAGE, with_daemon=True)
-    except cli.UsageError as err:
-        if not inetd:
-            sys.stderr.write("pop3-gw: %s\n%s" % (err, USAGE))
-        return 2
+    options = cli.parse(argv, USAGE, with_daemon=True)
+    if options.daemon is not None and not options.check:
+        host, port = cli.parse_listen(options.daemon, 110)
     config = cli.load_or_die(options, PROGRAM, None if inetd else sys.stderr)
     echo = sys.stderr if options.daemon and options.foreground and sys.stderr.isatty() else None
     logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
@@ -214,13 +223,13 @@ def main(argv=None):
     checked = check_database(database)
     if checked["reason"]:
         logger.error("authfile", reason=checked["reason"])
-    host, port = cli.parse_listen(options.daemon, 110)
-    listener = skeleton.listen(host, port)
+    skeleton.check_pidfile(pidfile)     # "already running" before "address in use"
+    listener = skeleton.listen(host, port, name="--daemon %s" % options.daemon)
     if options.foreground:
         skeleton.write_pidfile(pidfile)
     else:
         skeleton.daemonize(pidfile, keep_fds=[listener.fileno()]
-                           + ([logger.sock.fileno()] if logger.sock else []))
+                           + ([logger.sock.fileno()] if logger.sock else []), logger=logger)
     logger.info("listen", addr=host, port=port, users=checked["users"])
     Server(listener, context, options, busy_reply=b"-ERR [SYS/TEMP] too busy, try later\r\n",
            title="pop3-gw: listening on %s:%d" % (host, port)).run()

@@ -24,7 +24,7 @@ import sys
 import time
 
 from common import cli, fsguard, hostmatch, lineio, log, privs, skeleton, spool
-from smap import session
+from smap import policy, session
 
 USAGE = """usage: smap [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F]] [--version]
   no mode argument: inetd mode, the client on fd 0/1
@@ -85,8 +85,8 @@ def connection(config, logger, worker=None):
         channel.discard_pending()
         return 0
     relay_ok = hostmatch.list_matches(config.get("permit-relay") or [], peer.addr, peer.name)
-    policy = session.Policy(hostname, config.get("maxbytes"), config.get("maxrecip"),
-                            config.get("accept-domains") or (), relay_ok)
+    settings = session.Settings(hostname, config.get("maxbytes"), config.get("maxrecip"))
+    hooks = policy.standard_hooks(config.get("accept-domains") or (), relay_ok)
     directory = config.get("directory")
     if worker is not None:
         jailed = worker.jailed
@@ -101,7 +101,7 @@ def connection(config, logger, worker=None):
             return 1
         if not jailed:
             logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
-    smtp = session.Session(policy, peer, "/" if jailed else directory, logger)
+    smtp = session.Session(settings, hooks, peer, "/" if jailed else directory, logger)
     timeout = config.get("timeout")
     try:
         if channel.readable_now():
@@ -223,25 +223,17 @@ def refuse_inetd(reason):
     return 1
 
 
+@cli.program(PROGRAM, USAGE, refuse=refuse_inetd)
 def main(argv=None):
+    """cli.program has silenced fd 2 under inetd, and turns a start-up
+    error into one line (or, under inetd, refuse_inetd's 421)."""
     argv_given = argv is not None
     argv = sys.argv[1:] if argv is None else argv
     inetd = cli.inetd_mode(argv)
-    if inetd:
-        skeleton.silence_stderr()   # fd 2 is the client's socket under inetd
-    try:
-        options = cli.parse(argv, USAGE, with_daemon=True)
-    except cli.UsageError as err:
-        if not inetd:
-            sys.stderr.write("smap: %s\n%s" % (err, USAGE))
-            return 2
-        return refuse_inetd("usage: %s" % err)
-    try:
-        config = cli.load_or_die(options, PROGRAM, None if inetd else sys.stderr)
-    except SystemExit:
-        if inetd and not options.check:
-            return refuse_inetd("the netperm-table %s has errors (smap -n)" % options.config)
-        raise
+    options = cli.parse(argv, USAGE, with_daemon=True)
+    if options.daemon is not None and not options.check:
+        host, port = cli.parse_listen(options.daemon, 25)
+    config = cli.load_or_die(options, PROGRAM, None if inetd else sys.stderr)
     echo = sys.stderr if options.daemon and options.foreground and sys.stderr.isatty() else None
     logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
     if options.daemon is None:
@@ -261,10 +253,10 @@ def main(argv=None):
     default_hostname()          # once, not in every child
     # --daemon only (inetd mode must not pay for them), and before the workers fork
     from common import lookup, workers  # noqa: F401  (lookup: for the workers)
-    host, port = cli.parse_listen(options.daemon, 25)
-    listener = skeleton.listen(host, port)
+    listener = skeleton.listen(host, port, name="--daemon %s" % options.daemon)
     if not options.foreground:
-        skeleton.daemonize(keep_fds=[listener.fileno()] + ([logger.sock.fileno()] if logger.sock else []))
+        skeleton.daemonize(keep_fds=[listener.fileno()] + ([logger.sock.fileno()] if logger.sock else []),
+                           logger=logger)
     logger.info("listen", addr=host, port=port)
     server = workers.WorkerPool(
         listener, lambda: SessionWorker(config, logger), logger,

@@ -2,6 +2,7 @@
 
 The work is in smapd.control (start-up, lock, pid file, --flush, -q),
 smapd.scan (the chrooted scanner) and smapd.agent (the delivery agent).
+A start-up problem is one line `smapd: reason` (common.cli.program).
 """
 
 import sys
@@ -20,16 +21,13 @@ USAGE = """usage: smapd [-c TABLE] [-n] [-F | --once | -q | --flush] [--version]
 """
 
 
+@cli.program(control.PROGRAM, USAGE)
 def main(argv=None):
+    """cli.program turns a start-up error into one line `smapd: reason`."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        options = cli.parse(argv, USAGE, short="q", long=["once", "queue", "flush"])
-    except cli.UsageError as err:
-        sys.stderr.write("smapd: %s\n%s" % (err, USAGE))
-        return 2
+    options = cli.parse(argv, USAGE, short="q", long=["once", "queue", "flush"])
     if options.args:
-        sys.stderr.write("smapd: unexpected argument %s\n%s" % (options.args[0], USAGE))
-        return 2
+        raise cli.UsageError("unexpected argument %s" % options.args[0])
     config = cli.load_or_die(options, control.PROGRAM, sys.stderr)
     if options.flags & {"-q", "--queue"}:
         return control.listing(config, sys.stdout)
