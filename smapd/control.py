@@ -287,7 +287,7 @@ def start(config, options, stderr):
     try:
         lock_fd, trigger = prepare_spool(directory, baddir, uid, gid, root)
     except fsguard.UnsafePath as err:
-        stderr.write("%s\n" % err)
+        stderr.write("smapd: %s\n" % err)     # one line, as common.cli.program writes them
         logger.error("refuse", reason=str(err))
         return 1
     except (AlreadyRunning, OSError) as err:
