@@ -91,6 +91,31 @@ class LineSplitter:
             raise ValueError("consume() beyond the buffer")
         self._consume(upto)
 
+    def set_limit(self, limit):
+        """Lines from now on may be `limit` octets long, CRLF included
+        (SMTP: 512 for a command, 1000 for a line of message text)."""
+        self.limit = limit
+
+    def lines_before(self, final):
+        """The complete lines buffered ahead, up to (not including) the
+        first one that is exactly `final` (a whole line, CRLF included), as
+        one bytes object; b"" when there is none.  Nothing is consumed and
+        nothing is checked: the caller checks, then hands them out with
+        skip(len(block)).  (SMTP's DATA fast path: final is b".\\r\\n".)"""
+        buffer = self.buffer
+        start, end = self.complete_lines()
+        if end == start or buffer.startswith(final, start):
+            return b""
+        found = buffer.find(b"\r\n" + final, start, end)
+        if found >= 0:
+            end = found + 2
+        return bytes(buffer[start:end])
+
+    def skip(self, count):
+        """Hand out the next `count` buffered bytes without splitting them
+        into lines (`count` from lines_before, so it ends a line)."""
+        self.consume(self.start + count)
+
     def take_rest(self):
         rest = bytes(self.buffer[self.start:])
         del self.buffer[:]
