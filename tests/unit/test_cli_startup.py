@@ -154,3 +154,53 @@ def test_listen_on_a_busy_port():
         assert str(caught.value) == "127.0.0.1:%d: Address already in use" % port
     finally:
         holder.close()
+
+
+class RecordingLog:
+    def __init__(self):
+        self.lines = []
+
+    def error(self, event, **fields):
+        self.lines.append((event, fields))
+
+
+def test_daemonize_failure_before_the_fork_is_one_line(monkeypatch, tmp_path):
+    import daemon
+    import daemon.daemon
+
+    def fail(context):
+        raise daemon.daemon.DaemonOSEnvironmentError("Unable to change working directory (x)")
+    monkeypatch.setattr(daemon.DaemonContext, "open", fail)
+    monkeypatch.setattr(skeleton, "detached", False)
+    with pytest.raises(cli.StartupError) as caught:
+        skeleton.daemonize(str(tmp_path / "p.pid"), logger=RecordingLog())
+    assert str(caught.value) == "cannot detach: Unable to change working directory (x)"
+    assert skeleton.detached is False       # still attached: the terminal sees the line
+
+
+def test_daemonize_failure_after_the_fork_is_logged(monkeypatch, tmp_path):
+    """python-daemon takes its pid file lock in the detached process, where
+    stderr is /dev/null: the one line goes to the log as well."""
+    import daemon
+    import lockfile
+    real_getpid = os.getpid
+
+    def fail(context):      # as if in the detached grandchild: another pid
+        monkeypatch.setattr(os, "getpid", lambda: real_getpid() + 1)
+        raise lockfile.AlreadyLocked("%s is already locked" % (tmp_path / "p.pid"))
+    monkeypatch.setattr(daemon.DaemonContext, "open", fail)
+    monkeypatch.setattr(skeleton, "detached", False)
+    monkeypatch.setattr(skeleton, "detached_log", None)
+    logger = RecordingLog()
+    stderr, saved = io.StringIO(), sys.stderr
+    sys.stderr = stderr
+    try:
+        def body(argv):
+            skeleton.daemonize(str(tmp_path / "p.pid"), logger=logger)
+        status = cli.program("prog", "usage\n")(body)(["--daemon", "1"])
+    finally:
+        sys.stderr = saved
+        monkeypatch.setattr(os, "getpid", real_getpid)
+    reason = "cannot detach: %s is already locked" % (tmp_path / "p.pid")
+    assert status == 1 and stderr.getvalue() == "prog: %s\n" % reason
+    assert logger.lines == [("abort", {"reason": reason})]
