@@ -24,7 +24,7 @@ import sys
 import time
 
 from common import cli, fsguard, hostmatch, lineio, log, privs, skeleton, spool
-from smap import session
+from smap import policy, session
 
 USAGE = """usage: smap [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F]] [--version]
   no mode argument: inetd mode, the client on fd 0/1
@@ -85,8 +85,8 @@ def connection(config, logger, worker=None):
         channel.discard_pending()
         return 0
     relay_ok = hostmatch.list_matches(config.get("permit-relay") or [], peer.addr, peer.name)
-    policy = session.Policy(hostname, config.get("maxbytes"), config.get("maxrecip"),
-                            config.get("accept-domains") or (), relay_ok)
+    settings = session.Settings(hostname, config.get("maxbytes"), config.get("maxrecip"))
+    hooks = policy.standard_hooks(config.get("accept-domains") or (), relay_ok)
     directory = config.get("directory")
     if worker is not None:
         jailed = worker.jailed
@@ -101,7 +101,7 @@ def connection(config, logger, worker=None):
             return 1
         if not jailed:
             logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
-    smtp = session.Session(policy, peer, "/" if jailed else directory, logger)
+    smtp = session.Session(settings, hooks, peer, "/" if jailed else directory, logger)
     timeout = config.get("timeout")
     try:
         if channel.readable_now():

@@ -1,14 +1,14 @@
 """Shared helpers for the smap unit tests: a recording log, a session on a
 spool under tmp_path, and spool writers that fail like a full disk.
 
-Trusts nothing but common.spool and smap.session, which it drives.
+Trusts nothing but common.spool, smap.session and smap.policy, which it drives.
 """
 
 import errno
 import os
 
 from common import hostmatch, spool
-from smap import session
+from smap import policy, session
 
 HOSTNAME = "mx.example.org"
 CLOCK = 1700000000.0
@@ -41,13 +41,15 @@ class RecordingLog:
 
 def make_session(root, relay_ok=False, maxbytes=10485760, maxrecip=100,
                  accept_domains=("example.org",), writer_factory=spool.MessageWriter,
-                 peer=None, greet=True):
-    """A Session on a fresh spool under root; returns (session, log)."""
+                 peer=None, greet=True, hooks=()):
+    """A Session on a fresh spool under root, with smap's standard hooks
+    followed by `hooks`; returns (session, log)."""
     spool.make_dirs(str(root))
     log = RecordingLog()
-    policy = session.Policy(HOSTNAME, maxbytes, maxrecip, accept_domains, relay_ok)
+    settings = session.Settings(HOSTNAME, maxbytes, maxrecip)
     peer = peer or hostmatch.Peer("192.0.2.7", "client.example.net")
-    smtp = session.Session(policy, peer, str(root), log, writer_factory=writer_factory,
+    smtp = session.Session(settings, policy.standard_hooks(accept_domains, relay_ok) + list(hooks),
+                           peer, str(root), log, writer_factory=writer_factory,
                            clock=lambda: CLOCK)
     if greet:
         smtp.greeting()

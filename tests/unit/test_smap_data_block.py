@@ -12,7 +12,7 @@ import random
 import pytest
 
 from common import hostmatch, spool
-from smap import session
+from smap import policy, session
 
 PIECES = [b"abc", b"..x", b".", b"\r\n", b"\r\n", b"\r\n.", b"\r", b"\n", b"\0",
           b"x" * 990, b"y" * 1200, b"\r\n..\r\n", b"line", b" ", b".\r\n", b"\r\n.x"]
@@ -47,9 +47,9 @@ def run(seed, fast, monkeypatch):
         monkeypatch.setattr(session.Session, "data_block", lambda self: None)
     rnd = random.Random(seed)
     outcomes = []
-    policy = session.Policy("gw.example", maxbytes=rnd.choice([2000, 10485760]), maxrecip=10,
-                            accept_domains=["example.com"])
-    smtp = session.Session(policy, hostmatch.Peer("192.0.2.1"), "/nonexistent", Log(),
+    settings = session.Settings("gw.example", maxbytes=rnd.choice([2000, 10485760]), maxrecip=10)
+    smtp = session.Session(settings, policy.standard_hooks(["example.com"]),
+                           hostmatch.Peer("192.0.2.1"), "/nonexistent", Log(),
                            writer_factory=lambda root, mid: Writer(outcomes),
                            clock=lambda: 1.0)
     replies = [smtp.greeting()]
@@ -64,7 +64,7 @@ def run(seed, fast, monkeypatch):
         size = rnd.randint(1, 300)
         replies.append(smtp.feed(body[position:position + size]))
         position += size
-    return replies, smtp.state, smtp.size, outcomes
+    return replies, smtp.state, smtp.envelope.size, outcomes
 
 
 @pytest.mark.parametrize("block", range(10))
