@@ -2,7 +2,9 @@
 of writes, each fed after the previous reply), a message reaches queue/
 only after a "354" and a write that ends in a well-formed CRLF.CRLF, and its
 text is exactly the dot-unstuffed bytes between the 354 and that marker.
-Nothing is ever left in tmp/ once the session has ended.
+Nothing is ever left in tmp/ once the session has ended.  The same holds
+with an end-of-data hook that accepts everything, and that hook is shown
+exactly the text that was spooled.
 """
 
 import os
@@ -13,6 +15,7 @@ import tempfile
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from common import spool
+from smap import policy
 from tests.unit.smap_fixtures import make_session, spooled, unstuff
 
 QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as ([0-9A-F]+)\r\n")
@@ -58,13 +61,45 @@ def well_formed(data):
     return data.count(b"\r") == data.count(b"\r\n") == data.count(b"\n")
 
 
+class Scanner:
+    """An end-of-data hook that accepts everything and keeps, per queue id,
+    the text it was shown (it must be exactly what was spooled)."""
+
+    def __init__(self):
+        self.seen = {}
+        self.asked = []
+
+    def on_text(self, smtp, envelope, data):
+        self.seen[envelope.id] = self.seen.get(envelope.id, b"") + data
+
+    def on_data(self, smtp, envelope):
+        self.asked.append(envelope.id)
+        return policy.accept()
+
+
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(transcripts)
 def test_only_well_formed_messages_are_spooled_and_unchanged(writes):
+    check_transcript(writes)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(transcripts)
+def test_an_accepting_scanner_changes_nothing_and_sees_exactly_the_spooled_text(writes):
+    scanner = Scanner()
+    messages = check_transcript(writes, [scanner])
+    for name, message in messages.items():
+        assert scanner.seen[name] == message
+    assert set(messages) <= set(scanner.asked)
+
+
+def check_transcript(writes, hooks=()):
+    """The property for one transcript; returns {queue id: spooled text}."""
     root = tempfile.mkdtemp(prefix="smap-prop-")
     try:
-        smtp, _ = make_session(root)
+        smtp, _ = make_session(root, hooks=hooks)
         expected = {}
         data = None                      # DATA input since the last 354
         for sent in writes:
@@ -88,6 +123,7 @@ def test_only_well_formed_messages_are_spooled_and_unchanged(writes):
         queue, tmp = spooled(root)
         assert tmp == []
         assert sorted(expected) == queue
+        messages = {}
         for name, text in expected.items():
             _, message = spool.read_message(os.path.join(root, spool.QUEUE, name))
             assert message.startswith(b"Received: ")
@@ -95,5 +131,7 @@ def test_only_well_formed_messages_are_spooled_and_unchanged(writes):
             header = message[:len(message) - len(text)]
             # what comes before the text is exactly one Received: field
             assert re.fullmatch(rb"Received: [^\r\n]*(\r\n\t[^\r\n]*)*\r\n", header), header
+            messages[name] = message
+        return messages
     finally:
         shutil.rmtree(root)
