@@ -20,7 +20,9 @@ own state for a transaction in `envelope.notes` and for the connection in
 
 on_text gets complete CRLF lines, dot-unstuffed, exactly the bytes the
 spool gets, starting with smap's own Received: field; it is not called
-once the message is refused anyway (size, NUL, an over-long line).  With
+once the message is refused anyway (size, NUL, an over-long line).  An
+on_text that raises makes the message a temporary failure at the final
+dot (a scanner that missed text must not let the message through).  With
 no on_text or on_data hook the DATA path costs what it did before hooks.
 
 What this module trusts: nothing a hook says.  A reply a hook asks for is
@@ -229,6 +231,17 @@ def change_problem(change):
     return None
 
 
+def changes_problem(changes):
+    """None when every change of a verdict is well formed and they are not too many."""
+    if len(changes) > MAX_HEADER_CHANGES:
+        return "more than %d header changes" % MAX_HEADER_CHANGES
+    for change in changes:
+        problem = change_problem(change)
+        if problem:
+            return problem
+    return None
+
+
 # -- running the hooks ------------------------------------------------------
 
 METHODS = (("connect", "on_connect"), ("helo", "on_helo"), ("mail", "on_mail"),
@@ -276,24 +289,27 @@ class Hooks:
                 return name, tempfail(reason="%s is only for the end of data" % verdict.action)
             if verdict.action == QUARANTINE:
                 changes.extend(verdict.changes)
+                problem = changes_problem(changes)
+                if problem:
+                    return name, tempfail(reason="refused header change: %s" % problem)
                 verdict = Verdict(QUARANTINE, reason=verdict.reason, changes=changes)
             return name, verdict
-        if len(changes) > MAX_HEADER_CHANGES:
-            return None, tempfail(reason="more than %d header changes" % MAX_HEADER_CHANGES)
-        for change in changes:
-            problem = change_problem(change)
-            if problem:
-                return None, tempfail(reason="refused header change: %s" % problem)
+        problem = changes_problem(changes)
+        if problem:
+            return None, tempfail(reason="refused header change: %s" % problem)
         return None, (accept(changes) if changes else ACCEPTED)
 
     def tell(self, calls, arguments):
-        """Notify: on_text, on_reset, on_close answer nothing.  An exception
-        is the hook's own fault; the session goes on (its on_data decides)."""
-        for _, call in calls:
+        """Notify (on_text, on_reset, on_close answer nothing); returns the
+        reason of the first hook that raised, or None.  The others are
+        still told."""
+        failed = None
+        for name, call in calls:
             try:
                 call(*arguments)
-            except Exception:
-                pass
+            except Exception as err:    # a broken hook must not stop the session
+                failed = failed or "hook %s failed: %s: %s" % (name, type(err).__name__, err)
+        return failed
 
 
 # -- the first hooks: today's rules -----------------------------------------

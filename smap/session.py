@@ -361,7 +361,7 @@ class Session:
             self.enter(State.HELLO)
             return storage_reply(err)
         if self.hooks.text:
-            self.hooks.tell(self.hooks.text, (self, envelope, received))
+            self.tell_text(envelope, received)
         self.enter(State.DATA)
         self.splitter.set_limit(TEXT_LIMIT)
         return b"354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -440,7 +440,15 @@ class Session:
                 envelope.data_error = (storage_reply(err), "spool write: %s" % err.strerror)
                 return
             if self.hooks.text:
-                self.hooks.tell(self.hooks.text, (self, envelope, data))
+                self.tell_text(envelope, data)
+
+    def tell_text(self, envelope, data):
+        """Show message text to the on_text hooks; one that fails makes the
+        message a temporary failure at the final dot."""
+        failed = self.hooks.tell(self.hooks.text, (self, envelope, data))
+        if failed and envelope.data_error is None:
+            reply, _ = policy.reply_of(policy.tempfail(), policy.DATA, self.settings.hostname)
+            envelope.data_error = (reply, failed)
 
     def data_line(self, kind, line):
         envelope = self.envelope

@@ -566,3 +566,28 @@ def test_a_message_through_every_stage_with_an_accepting_hook_is_spooled_unchang
     assert message.startswith(b"Received: ") and message.endswith(b"Subject: s\r\n\r\nbody\r\n")
     assert [call[0] for call in hook.calls] == ["on_connect", "on_helo", "on_mail", "on_rcpt",
                                                 "on_data"]
+
+
+def test_an_on_text_hook_that_fails_makes_the_message_a_temporary_failure(tmp_path):
+    class Broken:
+        name = "scanner"
+
+        def on_text(self, smtp, envelope, data):
+            if b"boom" in data:
+                raise OSError("milter connection lost")
+    smtp, log = make_session(tmp_path, hooks=[Broken()])
+    open_transaction(smtp, State.DATA)
+    assert smtp.feed(b"a\r\nboom\r\nb\r\n.\r\n") == (
+        b"451 4.7.1 Error: message temporarily rejected, try again later\r\n")
+    assert spooled(tmp_path) == ([], [])
+    assert "hook scanner failed: OSError: milter connection lost" in log.reasons()
+
+
+def test_a_bad_change_with_a_quarantine_is_refused_too(tmp_path):
+    verdict = policy.quarantine("virus", [policy.add_header("X-A", "1\r\nBcc: x@example.org")])
+    smtp, log = make_session(tmp_path, hooks=[Recorder(on_data=verdict)],
+                             writer_factory=RecordingWriter)
+    open_transaction(smtp, State.DATA)
+    assert smtp.feed(b"x\r\n.\r\n") == (
+        b"451 4.7.1 Error: message temporarily rejected, try again later\r\n")
+    assert "commit" not in RecordingWriter.last.calls
