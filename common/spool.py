@@ -20,7 +20,8 @@ A message file is:
 
 so a truncated file, or one without its end marker, is detected.  Envelope
 values never contain a control character (smap checks them; `read_message`
-checks again and trusts nothing).  The writer says a message is safe only
+checks again and trusts nothing; numbers must be plain decimal digits, in
+range).  The writer says a message is safe only
 after write, fsync, rename into queue/ and fsync of queue/.
 """
 
@@ -38,6 +39,8 @@ LOCK = ".smapd.lock"
 STALE_TMP_SECONDS = 36 * 3600
 MAX_ENVELOPE = 1 << 20
 MAX_RCPT_FIELDS = 100000
+MAX_TIME = 1e10          # epoch seconds (the year 2286): a later time is damage
+MAX_SIZE = 1 << 40       # octets; far above any maxbytes
 ENVELOPE_KEYS = ("id", "arrival", "client-addr", "client-name", "helo", "sender", "rcpt", "size")
 
 
@@ -239,6 +242,20 @@ def poke(root):
     return True
 
 
+def decimal(text, fraction=True):
+    """The number in `text` if it is plain ASCII decimal digits (with one
+    optional fraction), else None: float() and int() would also take
+    `nan`, `inf`, `1e309`, `1_0`, signs, spaces and other scripts' digits."""
+    whole, dot, part = text.partition(".")
+    if not (whole.isascii() and whole.isdigit() and len(whole) <= 20):
+        return None
+    if not dot:
+        return int(whole)
+    if not (fraction and part.isascii() and part.isdigit() and len(part) <= 20):
+        return None
+    return float(text)
+
+
 def parse_envelope(block):
     """A dict from the header block (without MAGIC and the blank line)."""
     envelope = {"rcpt": []}
@@ -271,10 +288,18 @@ def parse_envelope(block):
         raise SpoolError("envelope has no recipient")
     if not valid_id(envelope["id"]):
         raise SpoolError("bad queue id")
-    try:
-        envelope["arrival"] = float(envelope["arrival"])
-    except ValueError:
-        raise SpoolError("bad arrival time") from None
+    # Numbers are checked for what they are used as: the arrival time is
+    # aged, compared with maxage and printed in a bounce; a `nan` or an
+    # `inf` there once made the scanner die on every start (issue 11).
+    arrival = decimal(envelope["arrival"])
+    if arrival is None or arrival > MAX_TIME:
+        raise SpoolError("bad arrival time %r" % envelope["arrival"][:40])
+    envelope["arrival"] = float(arrival)
+    if "size" in envelope:
+        size = decimal(envelope["size"], fraction=False)
+        if size is None or size > MAX_SIZE:
+            raise SpoolError("bad size %r" % envelope["size"][:40])
+        envelope["size"] = size
     return envelope
 
 

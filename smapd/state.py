@@ -5,8 +5,10 @@ seconds), last-error, one `done RCPT` per recipient already delivered and
 one `failed RCPT<TAB>REASON` per recipient that failed for good.  It is
 written to a temporary name, fsync'ed, renamed over state/ID and the
 directory fsync'ed, so a crash leaves either the old or the new state.
-Its content is trusted only as far as `load` checks it: a damaged file is
-treated as no state at all (at worst a recipient is tried again).
+Its content is trusted only as far as `load` checks it: attempts a small
+whole number, next-try a finite time in range, written as decimal digits; a
+damaged file is treated as no state at all (at worst a recipient is tried
+again), never as a time that is never reached.
 """
 
 import os
@@ -15,6 +17,7 @@ from common import spool
 
 MAX_STATE = 1 << 20
 MAX_TEXT = 400
+MAX_ATTEMPTS = 10 ** 6
 
 
 class State:
@@ -71,9 +74,15 @@ def load(root, message_id):
                 continue
             key, _, value = line.partition(" ")
             if key == "attempts":
-                state.attempts = int(value)
+                attempts = spool.decimal(value, fraction=False)
+                if attempts is None or attempts > MAX_ATTEMPTS:
+                    return State()
+                state.attempts = attempts
             elif key == "next-try":
-                state.next_try = float(value)
+                next_try = spool.decimal(value)
+                if next_try is None or next_try > spool.MAX_TIME:
+                    return State()
+                state.next_try = float(next_try)
             elif key == "last-error":
                 state.last_error = value
             elif key == "done":

@@ -40,3 +40,18 @@ def test_orphans_are_swept(tmp_path):
     state.save(str(tmp_path), "BCDE", state.State())
     assert state.sweep_orphans(str(tmp_path)) == ["ABCD"]
     assert os.listdir(tmp_path / "state") == ["BCDE"]
+
+
+def test_numbers_that_are_no_time_or_count_are_damage(tmp_path):
+    # float() would take all of these; a next try of inf parked a message for ever
+    spool.make_dirs(str(tmp_path))
+    for line in ("next-try inf", "next-try nan", "next-try -inf", "next-try 1e309",
+                 "next-try -1", "next-try 1e3", "next-try 99999999999", "next-try 1_0",
+                 "next-try \u0663", "next-try  5", "attempts -1", "attempts 1.5",
+                 "attempts 99999999999", "attempts inf"):
+        (tmp_path / "state" / "ABCD").write_text("attempts 4\nnext-try 12.5\n%s\n" % line)
+        loaded = state.load(str(tmp_path), "ABCD")
+        assert (loaded.attempts, loaded.next_try) == (0, 0.0), line
+    (tmp_path / "state" / "ABCD").write_text("attempts 4\nnext-try 12.5\n")
+    loaded = state.load(str(tmp_path), "ABCD")
+    assert (loaded.attempts, loaded.next_try) == (4, 12.5)

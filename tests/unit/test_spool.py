@@ -155,3 +155,40 @@ def test_poke_writes_to_a_reader_and_is_harmless_without_one(root):
         assert os.read(fd, 10) == b"!"
     finally:
         os.close(fd)
+
+
+# -- issue 11, finding 4: every number read from a spool file is checked ------
+
+def envelope_block(arrival="1700000000.5", extra=""):
+    return ("id 00AA\narrival %s\nsender a@b\nrcpt c@d\n%s" % (arrival, extra)).encode()
+
+
+@pytest.mark.parametrize("arrival", ["nan", "NaN", "inf", "-inf", "infinity", "-1e309",
+                                     "1e309", "1e9", "-5", "+5", " 5", "5 ", "1_000",
+                                     "\u0663", "0x10", "1.2.3", ".5", "5.", "",
+                                     "99999999999", "1" * 30])
+def test_an_arrival_that_is_not_a_time_in_range_is_refused(arrival):
+    with pytest.raises(spool.SpoolError, match="arrival"):
+        spool.parse_envelope(envelope_block(arrival))
+
+
+@pytest.mark.parametrize("size", ["nan", "inf", "-1", "1e3", "1.5", "9" * 400,
+                                  str(spool.MAX_SIZE + 1), "", "\u0663"])
+def test_a_size_that_is_not_a_count_in_range_is_refused(size):
+    with pytest.raises(spool.SpoolError, match="size"):
+        spool.parse_envelope(envelope_block(extra="size %s\n" % size))
+
+
+def test_numbers_in_range_are_read():
+    envelope = spool.parse_envelope(envelope_block("0", "size 123\n"))
+    assert envelope["arrival"] == 0.0 and envelope["size"] == 123
+    assert spool.parse_envelope(envelope_block("1700000000.123456"))["arrival"] == \
+        1700000000.123456
+    assert "size" not in spool.parse_envelope(envelope_block())
+
+
+def test_decimal():
+    assert spool.decimal("12") == 12 and spool.decimal("1.25") == 1.25
+    assert spool.decimal("1.25", fraction=False) is None
+    for text in ("nan", "inf", "1e5", "-1", "1_0", "\u0663", "", ".", "1.", ".1", "1.2.3"):
+        assert spool.decimal(text) is None, text
