@@ -15,7 +15,11 @@ A worker runs `<sendmail words> -oi -f SENDER -- RCPT…` from an argv list,
 never a shell, the message on its stdin, and kills the MTA's process group
 after `deliver-timeout`.  Recipients for the `accept-domains` go straight
 to the `mailhub` by SMTP when it is set.  Outcomes per recipient are
-`ok`, `temp` or `perm`; the scanner decides what to do with them.
+`ok`, `temp` or `perm`; the scanner decides what to do with them.  Their
+texts come from the MTA's stderr and the mail hub's replies, bytes of any
+kind: `diagnostic` makes each one printable line of at most MAX_DIAGNOSTIC
+characters (valid UTF-8 kept, any other byte as `\\xNN`), so what crosses
+to the scanner, its state files, logs and bounces is bounded and safe.
 """
 
 import collections
@@ -35,6 +39,8 @@ MAX_REQUEST = 192 * 1024
 MAX_RESULT = 192 * 1024
 MAX_RECIPIENTS = 100
 MAX_HEAD = 128 * 1024
+MAX_DIAGNOSTIC = 300            # characters of an MTA's stderr or a hub's reply kept
+MAX_STDERR = 2048               # octets of the MTA's stderr read at most
 CHUNK = 65536
 MTA_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -202,8 +208,8 @@ def run_mta(command, sender, recipients, chunks, timeout):
                 if not data:
                     stderr.close()
                     stderr = None
-                elif len(errors) < 2048:
-                    errors += data
+                elif len(errors) < MAX_STDERR:
+                    errors += data[:MAX_STDERR - len(errors)]
             if ready_write:
                 try:
                     written = os.write(stdin.fileno(), pending[:CHUNK])
@@ -228,14 +234,38 @@ def run_mta(command, sender, recipients, chunks, timeout):
     if timed_out:
         kill_group(process)
         return "temp", "MTA timed out after %d seconds and was killed" % timeout
-    text = errors.decode("utf-8", "replace").strip().replace("\n", " ")[:300]
+    return mta_outcome(status, bytes(errors))
+
+
+def diagnostic(data, limit=MAX_DIAGNOSTIC):
+    """One printable line of at most `limit` characters from untrusted
+    diagnostic bytes (an MTA's stderr, a mail hub's reply): valid UTF-8 is
+    kept (`Empfänger`), any other byte becomes `\\xNN` (a Latin-1 0xE4 stays
+    visible, not dropped), control characters and line ends become spaces."""
+    if isinstance(data, str):
+        text = data[:4 * limit]
+    else:
+        text = bytes(data[:4 * limit]).decode("utf-8", "backslashreplace")
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(text.split())[:limit]
+
+
+def mta_outcome(status, errors):
+    """("ok"|"temp"|"perm", text) for the MTA's wait status and stderr bytes."""
+    text = diagnostic(errors)
     if status < 0:
-        return "temp", "MTA killed by signal %d %s" % (-status, text)
+        return "temp", ("MTA killed by signal %d %s" % (-status, text)).strip()
     name = EXIT_NAMES.get(status, "exit %d" % status)
     if status == 0:
         return "ok", "MTA exit 0"
     kind = "temp" if status in TEMPORARY_EXITS else "perm"
     return kind, ("MTA exit %d %s %s" % (status, name, text)).strip()
+
+
+def hub_outcome(code, reply):
+    """(kind, text) for one mail hub reply code and its text (bytes or str)."""
+    kind = "ok" if 200 <= code < 300 else "perm" if 500 <= code < 600 else "temp"
+    return kind, "mailhub said %d %s" % (code, diagnostic(reply))
 
 
 def kill_group(process):
@@ -267,8 +297,10 @@ def deliver_hub(hub, helo, sender, recipients, message, timeout):
     host, port = hub
     def everyone(kind, text):
         return [(r, kind, text) for r in recipients]
-    def by_code(code):
-        return "perm" if 500 <= code < 600 else "temp"
+    def refusal(code, reply):
+        # a refusal is never "ok", whatever code a confused hub gave with it
+        kind, text = hub_outcome(code, reply)
+        return ("temp" if kind == "ok" else kind), text
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout)
     client = None
@@ -280,25 +312,19 @@ def deliver_hub(hub, helo, sender, recipients, message, timeout):
         outcomes = []
         for recipient in recipients:
             if recipient in refused:
-                code, text = refused[recipient]
-                outcomes.append((recipient, by_code(code),
-                                 "mailhub said %d %s" % (code, text.decode("utf-8", "replace"))))
+                kind, text = refusal(*refused[recipient])
+                outcomes.append((recipient, kind, text))
             else:
                 outcomes.append((recipient, "ok", "mailhub accepted"))
         return outcomes
     except smtplib.SMTPRecipientsRefused as refused:
-        return [(r, by_code(refused.recipients.get(r, (451, b""))[0]),
-                 "mailhub said %d %s" % (refused.recipients.get(r, (451, b""))[0],
-                                         refused.recipients.get(r, (451, b""))[1].decode(
-                                             "utf-8", "replace"))) for r in recipients]
+        return [(r,) + refusal(*refused.recipients.get(r, (451, b""))) for r in recipients]
     except smtplib.SMTPResponseException as err:
-        return everyone(by_code(err.smtp_code), "mailhub said %d %s" % (
-            err.smtp_code, err.smtp_error.decode("utf-8", "replace")
-            if isinstance(err.smtp_error, bytes) else err.smtp_error))
+        return everyone(*refusal(err.smtp_code, err.smtp_error))
     except HubTimeout:
         return everyone("temp", "mailhub timed out after %d seconds" % timeout)
     except (OSError, smtplib.SMTPException) as err:
-        return everyone("temp", "mailhub unreachable: %s" % err)
+        return everyone("temp", "mailhub unreachable: %s" % diagnostic(str(err)))
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

@@ -153,3 +153,33 @@ def test_workers_slow_to_exit_do_not_make_the_agent_busy(tmp_path):
     for message_id, result in outcomes.items():
         assert [kind for _, kind, _ in result] == ["ok"], (message_id, result)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# -- issue 11, finding 4: outcome texts are bounded, printable and keep their bytes
+
+def test_mta_outcome_keeps_any_bytes_visibly_and_bounded():
+    assert agent.mta_outcome(67, "Empfänger unbekannt".encode()) == \
+        ("perm", "MTA exit 67 EX_NOUSER Empfänger unbekannt")
+    assert agent.mta_outcome(67, b"Empf\xe4nger unbekannt") == \
+        ("perm", "MTA exit 67 EX_NOUSER Empf\\xe4nger unbekannt")
+    kind, text = agent.mta_outcome(75, b"\x00\x1b[31m\r\nsecond\tline\x7f" + b"\xff" * 5000)
+    assert kind == "temp" and text.isprintable() and text.isascii()
+    assert len(text) <= len("MTA exit 75 EX_TEMPFAIL ") + agent.MAX_DIAGNOSTIC
+    assert agent.mta_outcome(0, b"\xff") == ("ok", "MTA exit 0")
+    assert agent.mta_outcome(-9, b"")[0] == "temp"
+    assert agent.mta_outcome(3, b"")[1] == "MTA exit 3 exit 3"
+
+
+def test_hub_outcome_of_any_reply():
+    assert agent.hub_outcome(550, b"5.1.1 <b@x> unbekannt \xe4\r\n more") == \
+        ("perm", "mailhub said 550 5.1.1 <b@x> unbekannt \\xe4 more")
+    assert agent.hub_outcome(451, "try later")[0] == "temp"
+    assert agent.hub_outcome(250, b"ok")[0] == "ok"
+    kind, text = agent.hub_outcome(421, b"\x00" * 100000)
+    assert kind == "temp" and len(text) <= 40 + agent.MAX_DIAGNOSTIC
+
+
+def test_diagnostic():
+    assert agent.diagnostic(b"  a \n\n b\t") == "a b"
+    assert agent.diagnostic("x" * 1000) == "x" * agent.MAX_DIAGNOSTIC
+    assert agent.diagnostic(b"\xc3") == "\\xc3"           # a cut UTF-8 sequence
