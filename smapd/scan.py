@@ -12,7 +12,19 @@ removed; temporary → state saved, retried after `retry`, bounced after
 `maxage`; permanent → bounce (smapd.bounce).  Files that fail the checks
 are moved to `baddir` with a reason file and the postmaster hears of it.
 A bounce is committed to the spool before the original is removed, so a
-crash can duplicate a notice but never lose a message.
+crash can duplicate a notice but never lose a message.  What happens after
+an attempt is decided by the pure functions of smapd.decide; this module
+carries the decisions out.
+
+One message never stops the queue: everything done for one message
+(claim, consider, settle, complete) runs under one guard, `handle`.  An
+unexpected exception there quarantines that message with the exception
+as its reason (with the recipients already delivered, so that nobody
+sends them a second copy) and the scanner goes on.  An OSError (a full
+disk, an I/O error) may pass, so the message is left for a later scan, at
+most MAX_TROUBLES times with a growing pause, before it is quarantined
+too; a quarantine that fails leaves the message for a later scan with the
+same pause and a log line, never a loop.
 
 It trusts the agent's answers only for the message ids and recipients it
 asked about.
@@ -29,11 +41,15 @@ import stat
 import time
 
 from common import address, skeleton, spool
-from smapd import agent, bounce, checks, state
+from smapd import agent, bounce, checks, decide, state
 
 SWEEP_INTERVAL = 3600
 SYNC_DELAY = 0.1        # seconds a removal from queue/ may wait for the next fsync of queue/
 LOST_MARGIN = 60        # seconds beyond 2 × deliver-timeout after which a request counts as lost
+MAX_TROUBLES = 3        # failed handlings (OSError) of one message before its quarantine
+TROUBLE_PAUSE = 30      # seconds before a failed message is looked at again, doubled each time
+MAX_TROUBLE_PAUSE = 3600
+MAX_TROUBLE_TEXT = 300  # characters of an exception kept as a reason
 
 
 class Flight:
@@ -78,6 +94,7 @@ class Scanner:
         self.last_sweep = 0.0
         self.unsynced = []              # removed from queue/, removal not yet fsync'ed
         self.unsynced_since = 0.0
+        self.troubles = {}              # name -> (failed handlings, not before) (see handle)
 
     # -- signals -------------------------------------------------------------
     def on_term(self, signum, frame):
@@ -168,7 +185,8 @@ class Scanner:
         if flight is None:
             return True
         try:
-            self.settle(message_id, flight, dict((r, (k, t)) for r, k, t in outcomes))
+            self.handle(message_id, self.settle, message_id, flight,
+                        dict((r, (k, t)) for r, k, t in outcomes), flight=flight)
         finally:
             os.close(flight.fd)
         return True
@@ -180,7 +198,7 @@ class Scanner:
             if now - flight.started > limit:
                 del self.inflight[message_id]
                 try:
-                    self.settle(message_id, flight, {})
+                    self.handle(message_id, self.settle, message_id, flight, {}, flight=flight)
                 finally:
                     os.close(flight.fd)
 
@@ -197,6 +215,9 @@ class Scanner:
         self.flush = False
         self.earliest_due = None
         self.todo = collections.deque(spool.queued(self.base))
+        if self.troubles:       # forget failures of messages that are gone
+            listed = set(self.todo)
+            self.troubles = {n: t for n, t in self.troubles.items() if n in listed}
         return self.dispatch(now)
 
     def dispatch(self, now=None):
@@ -213,19 +234,66 @@ class Scanner:
             name = self.todo.popleft()
             if name in self.inflight or (self.once and name in self.attempted):
                 continue
-            fd = self.claim(name)
+            if self.troubled(name, now):
+                continue
+            fd = self.handle(name, self.claim, name)
             if fd is None:
                 continue
-            try:
-                handed = self.consider(name, fd, now, force)
-            except OSError as err:
-                self.log.error("spool", id=name, reason=err.strerror or str(err))
-                handed = False
+            handed = self.handle(name, self.consider, name, fd, now, force)
             if handed:
                 dispatched += 1
-            else:
+            elif name not in self.inflight:     # the agent has it: settle closes fd
                 os.close(fd)
         return dispatched
+
+    # -- the guard around one message --------------------------------------------
+    def handle(self, name, step, *args, flight=None):
+        """step(*args) for message `name`; on an exception: trouble, then None."""
+        try:
+            return step(*args)
+        except Exception as err:        # one message must never stop the queue
+            self.trouble(name, err, flight)
+            return None
+
+    def troubled(self, name, now):
+        """Whether `name` failed lately and waits out its pause."""
+        count, not_before = self.troubles.get(name, (0, 0.0))
+        if not count or now >= not_before:
+            return False
+        if self.earliest_due is None or not_before < self.earliest_due:
+            self.earliest_due = not_before
+        return True
+
+    def trouble(self, name, error, flight=None):
+        """Handling `name` raised `error`: quarantine it, or leave it for later."""
+        reason = state.one_line("%s: %s" % (type(error).__name__, error))[:MAX_TROUBLE_TEXT]
+        count = self.troubles.get(name, (0, 0.0))[0] + 1
+        self.attempted.add(name)        # --once does not try it again in this run
+        self.log.error("failure", id=name, reason=reason, failures=count)
+        if name in self.inflight:
+            return      # the agent is delivering it: its outcome settles it
+        record = flight.state if flight is not None else None
+        envelope = flight.envelope if flight is not None else None
+        if not (isinstance(error, OSError) and count < MAX_TROUBLES):
+            try:
+                known = record if record is not None else state.load(self.base, name)
+                self.quarantine_path(name, "smapd could not handle it: " + reason,
+                                     envelope, record=known)
+                self.troubles.pop(name, None)
+                return
+            except Exception as err:
+                self.log.error("quarantine-failed", id=name,
+                               reason=state.one_line("%s: %s" % (type(err).__name__, err)))
+        if record is not None:
+            # keep what the agent did, so that a later attempt does not send it again
+            try:
+                if os.path.lexists(os.path.join(self.base, spool.QUEUE, name)):
+                    state.save(self.base, name, record)
+            except Exception as err:
+                self.log.error("state", id=name, reason=state.one_line(str(err)))
+        pause = min(MAX_TROUBLE_PAUSE, TROUBLE_PAUSE * 2 ** min(count - 1, 10))
+        self.troubles[name] = (count, time.time() + pause)
+        self.log.notice("later", id=name, retry=pause)
 
     def claim(self, name):
         """An open, flocked descriptor of queue/name, or None (busy or gone)."""
@@ -266,7 +334,7 @@ class Scanner:
     def consider(self, name, fd, now, force):
         """Check one claimed message and hand it to the agent; False to let it go."""
         record = state.load(self.base, name)
-        if record.next_try > now and not force:
+        if not decide.is_due(record, now, force):
             if self.earliest_due is None or record.next_try < self.earliest_due:
                 self.earliest_due = record.next_try
             return False
@@ -274,18 +342,18 @@ class Scanner:
         try:
             envelope, offset, length = spool.locate(fd)
         except spool.SpoolError as err:
-            self.quarantine(name, fd, str(err))
+            self.quarantine_path(name, str(err))
             return False
         if envelope["id"] != name:
-            self.quarantine(name, fd, "queue id in the file does not match its name")
+            self.quarantine_path(name, "queue id in the file does not match its name")
             return False
         data = os.pread(fd, length, offset)
         if len(data) != length:
-            self.quarantine(name, fd, "file shorter than its end marker says")
+            self.quarantine_path(name, "file shorter than its end marker says")
             return False
         reason = checks.problem_of(envelope, data)
         if reason:
-            self.quarantine(name, fd, reason, envelope)
+            self.quarantine_path(name, reason, envelope)
             return False
         header, _ = checks.split_message(data)
         pending = record.pending(envelope["rcpt"])
@@ -318,59 +386,49 @@ class Scanner:
 
     # -- outcomes --------------------------------------------------------------
     def settle(self, name, flight, outcomes):
-        """Record the agent's outcomes and remove, defer, bounce or give up."""
-        record = flight.state
-        record.attempts += 1
-        temporary = False
-        for target, originals in flight.targets.items():
-            kind, text = outcomes.get(target, ("temp", "no outcome from the delivery agent"))
-            if kind == "ok":
-                record.done += originals
-            elif kind == "perm":
-                record.failed += [(r, text) for r in originals]
-            else:
-                temporary = True
-                record.last_error = text
-        now = time.time()
-        recipients = flight.envelope["rcpt"]
-        if not record.finished(recipients) and temporary:
-            age = now - flight.envelope["arrival"]
-            if age <= self.maxage:
-                record.next_try = now + self.retry
-                state.save(self.base, name, record)
-                self.log.notice("defer", id=name, attempts=record.attempts,
-                                reason=record.last_error, retry=self.retry)
-                return
-            for recipient in record.pending(recipients):
-                record.failed.append((recipient, "gave up after %d seconds: %s" % (
-                    age, record.last_error)))
-        if record.finished(recipients):
-            self.complete(name, flight)
-        else:
-            # more recipients than one request carries: the rest go out at once
-            record.next_try = 0.0
+        """Record the agent's outcomes and carry out what smapd.decide says."""
+        envelope = flight.envelope
+        record, action = decide.settle(
+            flight.state, envelope["rcpt"], flight.targets, outcomes, envelope["arrival"],
+            time.time(), self.retry, self.maxage, envelope["sender"],
+            self.is_notice(flight), self.postmaster)
+        flight.state = record       # the guard keeps it if what follows fails
+        if action.kind == decide.RETRY:
+            state.save(self.base, name, record)
+            self.log.notice("defer", id=name, attempts=record.attempts,
+                            reason=record.last_error, retry=self.retry)
+        elif action.kind == decide.NEXT:
             state.save(self.base, name, record)
             self.attempted.discard(name)    # --once goes on with the next batch too
             self.rescan = True
+        else:
+            self.carry_out(name, flight, action)
+        self.troubles.pop(name, None)
+
+    def is_notice(self, flight):
+        return not flight.envelope["sender"] and bounce.is_notice(flight.header)
 
     def complete(self, name, flight):
         """Every recipient is settled: bounce the failures, then remove the file."""
         record = flight.state
-        if record.failed:
-            sender = flight.envelope["sender"]
-            if not sender and bounce.is_notice(flight.header):
-                # never bounce a bounce: keep it for the postmaster instead
-                self.quarantine(name, flight.fd, "undeliverable notice: " + record.failed[0][1],
-                                flight.envelope, tell=False)
-                return
-            to = sender or self.postmaster
-            failures = [(r, why, status_of(why)) for r, why in record.failed]
+        self.carry_out(name, flight, decide.finish(record, flight.envelope["sender"],
+                                                   self.is_notice(flight), self.postmaster))
+
+    def carry_out(self, name, flight, action):
+        """A final action (bounce, quarantine, done) for a settled message."""
+        record = flight.state
+        if action.kind == decide.QUARANTINE:
+            self.quarantine_path(name, action.reason, flight.envelope, tell=False,
+                                 record=record)
+            return
+        if action.kind == decide.BOUNCE:
             data = bounce.build_bounce(self.reporting_mta, flight.envelope, flight.header,
-                                       failures, to)
-            new_id = self.inject([to], data)
-            self.log.notice("bounce", id=name, bounce_id=new_id, to="<%s>" % to,
-                            failed=",".join("<%s>" % r for r, _ in record.failed))
+                                       action.failures, action.to)
+            new_id = self.inject([action.to], data)
+            self.log.notice("bounce", id=name, bounce_id=new_id, to="<%s>" % action.to,
+                            failed=",".join("<%s>" % r for r, _, _ in action.failures))
         os.unlink(os.path.join(self.base, spool.QUEUE, name))
+        self.troubles.pop(name, None)
         # The fsync of queue/ that makes the removal durable (and only then the
         # removal of the state file) is shared by the removals of SYNC_DELAY
         # seconds (sync_removals): a crash before it brings the message back,
@@ -408,11 +466,13 @@ class Scanner:
         return new_id
 
     # -- quarantine --------------------------------------------------------------
-    def quarantine(self, name, fd, reason, envelope=None, tell=True):
-        self.quarantine_path(name, reason, envelope, tell)
+    def quarantine_path(self, name, reason, envelope=None, tell=True, record=None):
+        """Move queue/name to baddir with name.reason beside it; tell the postmaster.
 
-    def quarantine_path(self, name, reason, envelope=None, tell=True):
-        """Move queue/name to baddir with name.reason beside it; tell the postmaster."""
+        With the delivery state `record`, the reason file also says which
+        recipients were delivered already and which failed, so that whoever
+        sends the message on does not send it twice.
+        """
         source = os.path.join(self.base, spool.QUEUE, name)
         target = os.path.join(self.baddir, name)
         suffix = 0
@@ -424,6 +484,10 @@ class Scanner:
         if envelope is not None:
             text += "sender: <%s>\nrecipients: %s\n" % (
                 envelope["sender"], " ".join("<%s>" % r for r in envelope["rcpt"][:100]))
+        if record is not None and (record.done or record.failed):
+            text += "delivered: %s\n" % " ".join("<%s>" % r for r in record.done[:1000])
+            text += "".join("failed: <%s> %s\n" % (r, state.one_line(why))
+                            for r, why in record.failed[:1000])
         fd = os.open(target + ".reason", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, text.encode("utf-8", "replace"))
@@ -436,24 +500,21 @@ class Scanner:
         state.remove(self.base, name)
         self.log.warning("quarantine", id=name, reason=reason,
                          file=os.path.basename(target))
-        if tell:
+        if not tell:
+            return
+        try:
             notice = bounce.build_notice(
                 self.reporting_mta, self.postmaster,
                 "mailwall: message %s quarantined" % name,
                 "smapd on %s moved message %s to the quarantine (%s).\n\n%s" % (
                     self.reporting_mta, name, os.path.basename(target), text))
             new_id = self.inject([self.postmaster], notice)
-            self.log.notice("notice", id=name, notice_id=new_id,
-                            to="<%s>" % self.postmaster)
-
-
-def status_of(reason):
-    """An RFC 3463 status for a failure text."""
-    for code, status in (("EX_NOUSER", "5.1.1"), ("EX_NOHOST", "5.1.2"),
-                         ("EX_DATAERR", "5.6.0"), ("gave up after", "4.4.7")):
-        if code in reason:
-            return status
-    return "5.0.0"
+        except Exception as err:
+            # the message is safe in the quarantine; only the notice is lost
+            self.log.error("notice", id=name, reason=state.one_line(
+                "%s: %s" % (type(err).__name__, err)))
+            return
+        self.log.notice("notice", id=name, notice_id=new_id, to="<%s>" % self.postmaster)
 
 
 def drain(fd):
