@@ -20,6 +20,13 @@ derandomized examples in CI, FUZZ_EXAMPLES (default 200000) in `make fuzz`.
   none reaches the MTA argv; a
   header section that passes has no NUL, no bare CR/LF, no line over 998,
   and the stdlib's strict RFC 5322 parser finds no such address in it.
+* smapd scanner (issue 11, finding 4): over generated spool files (numbers
+  that are no numbers, hostile addresses, 8-bit headers, our notice
+  header, damaged delivery state), MTA outcomes (exit codes × any stderr
+  bytes) and mail hub replies (codes × any text), with a drawn fault in one
+  of the scanner's own steps: the real Scanner never raises, and every
+  message ends delivered, waiting for retry, bounced or quarantined; every
+  bounce and notice it makes is 7-bit.
 
 Pure: no sockets, no root; the spool properties use the real writer in a
 private temporary directory.
@@ -29,7 +36,9 @@ import email.policy
 import ipaddress
 import os
 import shutil
+import socket
 import tempfile
+import time
 
 from email.parser import BytesHeaderParser
 
@@ -38,7 +47,7 @@ from hypothesis import event, given, strategies as st
 from common import apop, authdb, hostmatch, netperm, spool
 from pop3gw import authority as pop3_authority
 from pop3gw import session as pop3_session
-from smapd import agent, checks
+from smapd import agent, checks, state
 from tests.security.fuzzing import FUZZ
 from tests.unit import test_smap_properties as smap_properties
 from tests.unit.smap_fixtures import RecordingLog
@@ -402,3 +411,239 @@ def test_fuzz_header_checks_pass_only_clean_header_sections(data):
             continue
         for found in addresses:
             assert not found.username.lstrip().startswith(("-", "|", "/")), (name, found)
+
+
+# -- the scanner: one message never stops the queue (issue 11, finding 4) -------
+#
+# The real Scanner runs in-process, unprivileged, on a private spool; the test
+# plays the delivery agent on the other end of a real SOCK_SEQPACKET pair and
+# answers each request with outcomes made by the agent's own functions from
+# generated MTA exit codes and stderr bytes, and mail hub reply codes and text.
+# Spool files carry generated envelope values (numbers that are not numbers,
+# any recipients), headers with 8-bit bytes and our notice header, and
+# generated delivery state; a drawn fault makes one of the scanner's own steps
+# raise.  Invariant: no exception leaves the scanner, and every message ends
+# delivered, waiting for retry, bounced or quarantined, never lost.
+
+SCAN_RECIPIENTS = ["b@example.org", "c@example.com", "postmaster", "d@hub.example.org",
+                   "e@example.org", "f@hub.example.org", "-oQ/tmp@example.org"]
+SCAN_SENDERS = ["a@example.net", "", "f@example.org", "|cmd@example.net"]
+SCAN_HEADERS = [b"From: a@example.net\r\nSubject: x\r\n\r\n",
+                b"From: a@example.net\r\nSubject: x\r\n\r\n",
+                b"From: a@example.net\r\nSubject: caf\xc3\xa9 \xe9t\xe9 \xff\r\n\r\n",
+                b"From: MAILER-DAEMON@gw\r\nX-Mailwall-Notice: bounce\r\n\r\n",
+                b"From: a@example.net\r\nno colon\r\n\r\n", b"\r\n"]
+SCAN_NUMBERS = ["1700000000.5", "1", "0", "nan", "inf", "-inf", "-1e309", "1e309", "-5",
+                "9" * 400, "1_0", "\u0663", "", "9999999999"]
+SCAN_STATES = [b"", b"attempts 1\nnext-try 0.000\n", b"attempts 2\nnext-try nan\n",
+               b"attempts 1\nnext-try inf\n", b"attempts 1\nnext-try 1e309\n",
+               b"attempts x\n", b"\xff\xfe", b"attempts 1\nnext-try 0\nfailed b@example.org\t"
+               b"MTA exit 67 \xc3\xa4\ndone e@example.org\n",
+               b"attempts 3\nnext-try 9999999999.000\n"]
+STDERRS = ["Empfänger unbekannt".encode(), b"Empf\xe4nger unbekannt", b"", b"\xff" * 3000,
+           b"\x00\x1b[31m\r\n.\r\nQUIT\r\n", "\U0001f4a5 \u2028".encode()]
+MTA_EXITS = [0, 0, 64, 65, 67, 68, 69, 70, 71, 73, 74, 75, 76, 77, 78, 1, 255, -9, -15]
+HUB_CODES = [250, 250, 421, 450, 451, 452, 500, 550, 551, 552, 554, 199, 600, 999]
+SCAN_FAULTS = [None, None, None, "state.save", "bounce.build_bounce", "bounce.build_notice",
+               "spool.MessageWriter.commit", "checks.problem_of", "decide.settle"]
+MAXAGES = [0, 1, 5 * 86400]
+SCAN_ROUNDS = 5
+
+RECENT = "%.6f" % (time.time() - 60)
+scan_message = st.tuples(
+    st.one_of(st.just("a@example.net"), st.sampled_from(SCAN_SENDERS)),
+    st.lists(st.sampled_from(SCAN_RECIPIENTS), min_size=1, max_size=4, unique=True),
+    st.one_of(st.just(RECENT), st.just("1700000000.5"), st.sampled_from(SCAN_NUMBERS),
+              st.text(max_size=12)),                                    # arrival
+    st.one_of(st.none(), st.none(), st.just("123"), st.sampled_from(SCAN_NUMBERS)),  # size
+    st.sampled_from(SCAN_HEADERS),
+    st.one_of(st.sampled_from(SCAN_STATES), st.binary(max_size=60)))
+
+
+class ScanConfig:
+    def __init__(self, maxage):
+        self.values = {"wakeup": 60, "retry": 0, "maxage": maxage, "maxchildren": 3,
+                       "deliver-timeout": 30, "postmaster": "postmaster@gw.example.org",
+                       "mailhub": ("127.0.0.1", 25), "accept-domains": ["hub.example.org"],
+                       "shorten-domain": []}
+
+    def get(self, name):
+        return self.values[name]
+
+
+def write_scan_message(root, sender, recipients, arrival, size, header, saved):
+    message_id = spool.new_id()
+    lines = ["id %s" % message_id, "arrival %s" % arrival, "client-addr 192.0.2.1",
+             "client-name unknown", "helo x", "sender %s" % sender]
+    lines += ["rcpt %s" % r for r in recipients]
+    if size is not None:
+        lines.append("size %s" % size)
+    data = header + b"body\r\n"
+    raw = (spool.MAGIC + ("\n".join(lines) + "\n\n").encode("utf-8", "surrogatepass")
+           + data + spool.END + b"%d\n" % len(data))
+    with open(os.path.join(root, spool.QUEUE, message_id), "wb") as out:
+        out.write(raw)
+    if saved:
+        with open(os.path.join(root, spool.STATE, message_id), "wb") as out:
+            out.write(saved)
+    return message_id
+
+
+def agent_answer(data, request, recipients):
+    """Outcomes for one request, made by the agent's own functions."""
+    outcomes = []
+    if request["hub"]:
+        code = data.draw(st.sampled_from(HUB_CODES), label="hub code")
+        reply = data.draw(st.one_of(st.sampled_from(STDERRS), st.binary(max_size=120)),
+                          label="hub reply")
+        kind, text = agent.hub_outcome(code, reply)
+        outcomes += [(r, kind, text) for r in request["hub"]]
+    if request["mta"]:
+        status = data.draw(st.sampled_from(MTA_EXITS), label="MTA exit")
+        errors = data.draw(st.one_of(st.sampled_from(STDERRS), st.binary(max_size=120)),
+                           label="MTA stderr")
+        kind, text = agent.mta_outcome(status, errors)
+        outcomes += [(r, kind, text) for r in request["mta"]]
+    if outcomes and data.draw(st.booleans(), label="drop one outcome"):
+        outcomes.pop()
+    return outcomes
+
+
+class Clock:
+    """The scanner's `time`, 10 ms further at each look: a run does not depend
+    on how fast the machine is (next-try is kept to the millisecond)."""
+
+    def __init__(self, start):
+        self.now = start
+
+    def time(self):
+        self.now += 0.01
+        return self.now
+
+    def monotonic(self):
+        return self.time()
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class Fault:
+    """Makes `where` (module.attribute[.attribute]) raise on a drawn call."""
+
+    def __init__(self, where, data):
+        self.where, self.data = where, data
+        self.calls = 0
+
+    def __enter__(self):
+        if self.where is None:
+            return self
+        from smapd import scan as scan_module
+        owner_name, *path, name = self.where.split(".")
+        owner = getattr(scan_module, owner_name)
+        for part in path:
+            owner = getattr(owner, part)
+        self.owner, self.name = owner, name
+        self.original = original = getattr(owner, name)
+        error = self.data.draw(st.sampled_from([OSError(28, "No space left on device"),
+                                                RuntimeError("a bug"), ValueError("bad"),
+                                                UnicodeEncodeError("ascii", "\xe4", 0, 1,
+                                                                   "no"),
+                                                MemoryError()]), label="fault")
+        when = self.data.draw(st.integers(0, 3), label="fault at call")
+        fault = self
+
+        def failing(*args, **kwargs):
+            fault.calls += 1
+            if fault.calls - 1 == when:
+                raise error
+            return original(*args, **kwargs)
+        setattr(owner, name, failing)
+        return self
+
+    def __exit__(self, *exc):
+        if self.where is not None:
+            setattr(self.owner, self.name, self.original)
+
+
+def run_scanner(scanner, agent_end, data):
+    """The scanner's loop without select: scan, answer every request, settle.
+
+    Returns the names the last scan saw (a message made after it, such as a
+    bounce, has not been looked at yet)."""
+    for _ in range(SCAN_ROUNDS):
+        scanner.rescan = False
+        listed = set(spool.queued(scanner.base))
+        handed = scanner.scan()
+        while scanner.inflight:
+            received, fds, _, _ = socket.recv_fds(agent_end, agent.MAX_REQUEST + 1, 4)
+            request = agent.decode_request(received, fds[0], True)
+            for fd in fds:
+                os.close(fd)
+            answer = agent_answer(data, request, request["hub"] + request["mta"])
+            agent_end.send(agent.encode_result(request["id"], answer))
+            assert scanner.receive()
+            if scanner.todo:
+                handed += scanner.dispatch()
+        scanner.sync_removals()
+        if not handed and not scanner.rescan and not scanner.todo:
+            break
+    return listed
+
+
+def spool_ids(root, directory):
+    return {n.split(".")[0] for n in os.listdir(os.path.join(root, directory))
+            if n.split(".")[0] and spool.valid_id(n.split(".")[0])}
+
+
+@FUZZ
+@given(st.lists(scan_message, min_size=1, max_size=4), st.sampled_from(MAXAGES),
+       st.sampled_from(SCAN_FAULTS), st.data())
+def test_fuzz_one_message_never_stops_the_queue(messages, maxage, fault, data):
+    from smapd import scan as scan_module
+    root = tempfile.mkdtemp(prefix="mwfuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm")
+                            else None)
+    scanner_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        spool.make_dirs(root)
+        ids = [write_scan_message(root, *message) for message in messages]
+        log = RecordingLog()
+        scanner = scan_module.Scanner(root, ScanConfig(maxage), log, scanner_end, None,
+                                      "gw.example.org", os.path.join(root, spool.BAD))
+        real_time, scan_module.time = scan_module.time, Clock(float(RECENT) + 60)
+        try:
+            with Fault(fault, data):
+                listed = run_scanner(scanner, agent_end, data)
+        finally:
+            scan_module.time = real_time
+        queued = set(spool.queued(root))
+        quarantined = spool_ids(root, spool.BAD)
+        finished = {f["id"] for _, e, f in log.events if e == "done"}
+        bounced = {f["id"] for _, e, f in log.events if e == "bounce"}
+        # every message the scanner injected (bounces, notices) must be 7-bit
+        injected = {f.get("bounce_id") or f.get("notice_id") for _, e, f in log.events
+                    if e in ("bounce", "notice") and (f.get("bounce_id") or f.get("notice_id"))}
+        for message_id in ids + sorted(injected):
+            places = [message_id in queued, message_id in quarantined, message_id in finished]
+            assert sum(places) == 1, (message_id, places, log.events)
+            if message_id in queued and message_id in listed:
+                # waiting for retry: a state saved, or a pause after a failure
+                record = state.load(root, message_id)
+                assert record.attempts >= 1 or record.next_try > 0 or \
+                    message_id in scanner.troubles, (message_id, log.events)
+            if message_id in quarantined:
+                with open(os.path.join(root, spool.BAD, message_id + ".reason")) as reason:
+                    assert "reason: " in reason.read()
+            if message_id in finished:
+                [done] = [f for _, e, f in log.events if e == "done" and f["id"] == message_id]
+                assert not done["failed"] or message_id in bounced, (message_id, log.events)
+        for message_id in injected & queued:
+            with open(os.path.join(root, spool.QUEUE, message_id), "rb") as source:
+                assert all(byte < 128 for byte in source.read()), message_id
+        event("faults fired" if fault and scanner.troubles else "no fault left a trouble")
+        for kind in ("done", "bounce", "quarantine", "defer", "failure"):
+            if any(e == kind for _, e, _ in log.events):
+                event("saw " + kind)
+    finally:
+        scanner_end.close()
+        agent_end.close()
+        shutil.rmtree(root, ignore_errors=True)
