@@ -7,11 +7,15 @@ user a line, fields separated by a TAB:
     name  flags  secret  bad  locked-until  last-login  full-name
 
 `flags` is `enabled` or `disabled`; `secret` and `full-name` are
-percent-encoded so that any character survives; `bad` counts bad logins in
-a row; `locked-until` and `last-login` are Unix times (0: never).
+percent-encoded so that any character survives; `last-login` is a Unix
+time (0: never).  `bad` and `locked-until` stay for compatibility and are
+always 0 from now on: earlier versions counted bad logins and locked the
+account there, which let anyone lock a user out; pop3-gw now counts bad
+logins per source address (pop3gw.penalty), and a good login, `authmgr
+enable` or `authmgr password` clears what an old version left.
 
-Writers (authmgr, and the root side of each pop3-gw session reporting a
-login's outcome) take an exclusive fcntl lock on the side file `PATH.lock`,
+Writers (authmgr, and the root side of each pop3-gw session noting a good
+login) take an exclusive fcntl lock on the side file `PATH.lock`,
 re-read the file, change it, write `PATH.tmp.PID` (0600, fsync) and rename
 it over PATH, then fsync the directory: readers never see half a file and
 two writers never lose each other's change.  Readers need no lock.
@@ -204,23 +208,19 @@ def update(path, change):
         return result
 
 
-def record_login(path, name, good, maxbad, badsleep, now=None):
-    """Count one login outcome: a good one clears the count and notes the
-    time; the maxbad-th bad one in a row locks the account for badsleep.
-    Returns the user's record after the change, or None if unknown."""
+def record_login(path, name, now=None):
+    """Note a good login of name: the last-login time, and the bad-login
+    count and lock of earlier versions cleared.  Bad logins are never
+    written here (pop3gw.penalty counts them per source address): a user's
+    entry is not something an attacker can change.  Returns the user's
+    record after the change, or None if unknown."""
     now = int(time.time() if now is None else now)
 
     def change(users):
         user = users.get(name)
         if user is None:
             return None
-        if good:
-            user.bad, user.last_login = 0, now
-        else:
-            user.bad += 1
-            if user.bad >= maxbad:
-                user.locked_until = now + badsleep
-                user.bad = 0
+        user.bad, user.locked_until, user.last_login = 0, 0, now
         return user
     return update(path, change)
 

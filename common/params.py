@@ -109,10 +109,13 @@ _DECLARED = [
           "the APOP user database"),
     Param("timeout", (POP3GW,), "int", 600, 1, 86400,
           "idle limit in seconds (RFC 1939 asks for at least 10 minutes)"),
+    # Bad logins are counted per source address, never per user
+    # (pop3gw.penalty): a user cannot be locked out from someone else's address.
     Param("badsleep", (POP3GW,), "int", 300, 0, 86400,
-          "seconds an account stays locked after maxbad bad logins"),
+          "seconds a source address's bad logins are remembered, and a source "
+          "past maxbad is refused"),
     Param("maxbad", (POP3GW,), "int", 5, 1, 1000,
-          "bad logins in a row that lock an account"),
+          "bad logins from one source address (IPv6: its /64) before it is refused"),
     Param("maxchildren", (POP3GW,), "int", 200, 1, 10000,
           "concurrent sessions in --daemon mode"),
     Param("userpass", (POP3GW,), "bool", "no", None, None,

@@ -3,22 +3,24 @@
 
     authmgr [-c TABLE] adduser USER [FULLNAME] | deluser USER |
             password [--stdin] USER | enable USER | disable USER |
-            list | display USER
+            list | display USER | unblock ADDRESS
 
 The database is the `authfile` of the netperm-table (common.authdb): every
 change is made under its lock and written atomically, so two authmgr runs,
 or authmgr and a running pop3-gw, never lose each other's changes; pop3-gw
 notices the new file by itself.  `password` asks for the new APOP secret
 twice ("Verify"); when the two differ nothing changes.  Secrets are never
-printed.  It trusts the administrator who runs it, and checks names and
-secrets all the same.
+printed.  `unblock` forgets the bad logins pop3-gw counted for one source
+address (pop3gw.penalty) before `badsleep` would.  It trusts the
+administrator who runs it, and checks names and secrets all the same.
 """
 
 import getpass
 import sys
 import time
 
-from common import authdb, cli
+from common import authdb, cli, hostmatch
+from pop3gw import penalty
 
 USAGE = """usage: authmgr [-c TABLE] COMMAND ...
   adduser USER [FULLNAME]   create an entry (it needs a password before use)
@@ -27,6 +29,7 @@ USAGE = """usage: authmgr [-c TABLE] COMMAND ...
   enable USER | disable USER
   list                      all users, one a line
   display USER              one user's entry (never the secret)
+  unblock ADDRESS           forget the bad logins counted for this source
 """
 
 PROGRAM = "authmgr"
@@ -100,13 +103,10 @@ def password(path, name, secret):
 
 def listing(path):
     users, _ = authdb.load(path)
-    now = time.time()
     lines = []
     for name in sorted(users):
         user = users[name]
         state = "enabled" if user.enabled else "disabled"
-        if user.locked(now):
-            state += ",locked"
         if not user.secret:
             state += ",no-password"
         lines.append("%-24s %-28s last login %s  %s\n"
@@ -117,12 +117,21 @@ def listing(path):
 def display(path, name):
     users, _ = authdb.load(path)
     user = existing(users, name)
-    return ("user: %s\nname: %s\nstatus: %s\npassword: %s\nbad logins: %d\n"
-            "locked until: %s\nlast login: %s\n"
+    return ("user: %s\nname: %s\nstatus: %s\npassword: %s\nlast login: %s\n"
             % (user.name, user.fullname, "enabled" if user.enabled else "disabled",
-               "set" if user.secret else "not set", user.bad,
-               when(user.locked_until) if user.locked(time.time()) else "not locked",
-               when(user.last_login)))
+               "set" if user.secret else "not set", when(user.last_login)))
+
+
+def unblock(path, address):
+    """Forget the bad logins counted for address's source (its IPv6 /64)."""
+    if address != penalty.UNKNOWN and hostmatch.normalize_address(address) is None:
+        raise Refused("bad address %r: an IPv4 or IPv6 address, or unknown" % address)
+    key = penalty.source_key(address) if address != penalty.UNKNOWN else penalty.UNKNOWN
+    try:
+        cleared = penalty.Ledger(path, 1, 0).clear(key)
+    except (OSError, penalty.PenaltyError) as err:
+        raise Refused(str(err)) from None
+    return "%s %s\n" % ("unblocked" if cleared else "no bad logins counted for", key)
 
 
 def run(path, args, stdin=None, ask=getpass.getpass):
@@ -141,6 +150,8 @@ def run(path, args, stdin=None, ask=getpass.getpass):
             name = checked_name(rest[0])
             existing(authdb.load(path)[0], name)     # before asking for a secret
             return password(path, name, read_secret(from_stdin, stdin, ask))
+    if command == "unblock" and len(rest) == 1:
+        return unblock(path, rest[0])
     if len(rest) == 1 and command in ("deluser", "enable", "disable", "display"):
         name = checked_name(rest[0])
         if command == "deluser":

@@ -25,6 +25,7 @@ over a socketpair; `serve` is the monitor's loop that answers them.
 import time
 
 from common import apop, authdb
+from pop3gw import penalty
 
 MAX_REQUEST = 512
 MAX_REQUESTS = 32
@@ -33,30 +34,43 @@ REFUSED = "refused"
 
 
 class Authority:
-    def __init__(self, database, timestamp, maxbad, badsleep, log, clock=time.time):
+    def __init__(self, database, timestamp, maxbad, badsleep, log, clock=time.time,
+                 source=None, sleep=time.sleep, ledger=None):
         self.database = database            # authdb.Cache
         self.timestamp = timestamp          # the one this session's banner shows
         self.maxbad, self.badsleep = maxbad, badsleep
         self.log = log
         self.clock = clock
+        self.sleep = sleep
+        # Bad logins are counted per source, never per user (pop3gw.penalty).
+        self.source = penalty.source_key(source)
+        if ledger is None:
+            ledger = penalty.Ledger(database.path, maxbad, badsleep) \
+                if database.path is not None else penalty.NoLedger()
+        self.ledger = ledger
         self.verified = None
         self.signatures = 0
         self.deferred = None
 
     def verify(self, name, offered, defer=False):
-        """("ok", "") or ("refused", reason for the log).  With defer, a good
-        login is written to the db only by finish(): serve() answers first,
-        so the write overlaps the child's upstream connect (and is done
-        before the child's next request, `sign`, is read).  A bad one is
-        always written before the answer; a good one that would change
-        nothing in the entry is not written at all."""
+        """("ok", "") or ("refused", reason for the log).
+
+        Every well-formed attempt does the same work whatever the name: one
+        digest computed and compared in constant time (with a stand-in
+        secret for an unknown or secret-less user), then one penalty
+        transaction for this session's source (pop3gw.penalty), and for a
+        bad one a wait of the source's penalty before the answer.  The auth
+        db is never written for a bad login, so an existing user's "no"
+        costs what an unknown user's does.  A source past `maxbad` is
+        refused even with the right digest.  With defer, a good login is
+        written to the db (last login) only by finish(): serve() answers
+        first; one that would change nothing in the entry is not written."""
         if not authdb.valid_name(name) or not apop.well_formed_digest(offered):
             return REFUSED, "malformed request"
         if self.database.refresh() and self.database.error:
             self.log.error("authfile", reason=self.database.error)
         record = self.database.users.get(name)
         secret = record.secret if record is not None and record.secret else None
-        # Compute and compare even for an unknown user, so both cost alike.
         matches = apop.check(self.timestamp,
                              secret if secret is not None else "\0unknown user\0", offered)
         now = self.clock()
@@ -67,41 +81,78 @@ class Authority:
             reason = "no secret set"
         elif not record.enabled:
             reason = "account disabled"
-        elif record.locked(now):
-            reason = "account locked until %d" % record.locked_until
         elif not matches:
             reason = "wrong secret"
-        if secret is not None and not matches:
-            self.record(name, False)
+        verdict = self.settle(reason is None, now)
+        if verdict.outcome == penalty.REFUSED:
+            reason = "source refused until %d: %d bad logins from %s" % (
+                verdict.until, verdict.count, self.source)
+        elif verdict.outcome == penalty.BAD and verdict.count == self.maxbad:
+            self.log.warning("penalty", addr=self.source, bad=verdict.count,
+                             until=verdict.until,
+                             reason="source refused for %ds" % self.badsleep)
         if reason is not None:
+            # Before the answer: the child (and the client) wait it out.
+            self.sleep(verdict.delay)
             return REFUSED, reason
         if unchanged_by_good_login(record, now):
             pass        # the file already says what this login would write
         elif defer:
             self.deferred = name
         else:
-            self.record(name, True)
+            self.record(name)
         self.verified = name
         return "ok", ""
+
+    def settle(self, good, now):
+        """The penalty verdict for this attempt from this session's source.
+        When the state cannot be used, the attempt is not counted; a good one
+        goes on, a bad one waits the longest penalty."""
+        try:
+            return self.ledger.settle(self.source, good, now)
+        except (OSError, penalty.PenaltyError) as err:
+            self.log.error("penalty", addr=self.source, reason=str(err))
+            return penalty.Verdict(penalty.GOOD if good else penalty.BAD, 0,
+                                   0 if good else penalty.MAX_DELAY)
 
     def finish(self):
         """Write the good login verify(defer=True) left for after the answer."""
         name, self.deferred = self.deferred, None
         if name is not None:
-            self.record(name, True)
+            self.record(name)
 
-    def record(self, name, good):
+    def record(self, name):
+        """Note a good login of `name` in the auth db (bad ones never are)."""
         if self.database.path is None:
             return
         try:
-            user = authdb.record_login(self.database.path, name, good, self.maxbad,
-                                       self.badsleep, self.clock())
+            authdb.record_login(self.database.path, name, self.clock())
         except (OSError, authdb.AuthDbError) as err:
             self.log.error("authfile", path=self.database.path, reason=str(err))
-            return
-        if user is not None and not good and user.locked(self.clock()):
-            self.log.warning("lock", user=name, until=user.locked_until,
-                             reason="%d bad logins" % self.maxbad)
+
+    router = None       # router(user, word): pop3gw.gateway.Router, set by the monitor
+
+    def route(self, word):
+        """("ok", addresses) or ("denied" | "unavailable", reason): where the
+        verified user may go, asked once a session.  The router resolves and
+        applies the host rules; what it passes is all `sign` will sign for."""
+        if self.router is None:
+            return "denied", "no router"
+        if self.verified is None:
+            return "denied", "not logged in"
+        if self.approved is not None:
+            return "denied", "already routed"
+        self.approved = frozenset()         # one route a session, whatever it says
+        verdict, found = self.router(self.verified, word)
+        if verdict != "ok":
+            return (verdict if verdict == "unavailable" else "denied"), clean_reason(found)
+        port, found = found
+        addresses = [address for address in found[:MAX_ADDRESSES]
+                     if hostmatch.normalize_address(address) == address]
+        if not addresses or not 1 <= port <= 65535:
+            return "denied", "no usable address"
+        self.approved = frozenset((address, port) for address in addresses)
+        return "ok", addresses
 
     def sign(self, timestamp):
         """The upstream APOP digest, or None when it must not be given."""
@@ -116,12 +167,10 @@ class Authority:
 
 
 def unchanged_by_good_login(record, now):
-    """True when a good login would rewrite the entry as it is: no bad-login
-    count to clear and the last login already this second (the db keeps whole
-    seconds).  The entry is the copy verify() decided on, so skipping agrees
-    with the order of the decisions: a bad login counted by another session
-    after this check came after this good one and stays counted."""
-    return record.bad == 0 and record.last_login == int(now)
+    """True when a good login would rewrite the entry as it is: nothing left
+    from the old per-user count or lock (a good login clears them) and the
+    last login already this second (the db keeps whole seconds)."""
+    return record.bad == 0 and record.locked_until == 0 and record.last_login == int(now)
 
 
 def answer(authority, line):

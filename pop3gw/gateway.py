@@ -188,7 +188,7 @@ class SessionPair:
         os.close(devnull)
         skeleton.set_title("pop3-gw: monitor %s" % peer.addr_text)
         keeper = authority.Authority(context.database, timestamp, config.get("maxbad"),
-                                     config.get("badsleep"), logger)
+                                     config.get("badsleep"), logger, source=peer.addr)
         authority.serve(self.link, keeper, resolve_request, logger)
         self.link.close()
         _, status = os.waitpid(self.pid, 0)

@@ -1,13 +1,14 @@
-"""The root monitor's authority over the secrets: verification recorded in
-the db file, signing only for the verified user, and the bounded line
-protocol the jailed child uses to ask."""
+"""The root monitor's authority over the secrets: verification (good logins
+noted in the db file, bad ones counted per source in the penalty file,
+never in the user's entry), signing only for the verified user, and the
+bounded line protocol the jailed child uses to ask."""
 
 import os
 import socket
 import threading
 
 from common import apop, authdb
-from pop3gw import authority
+from pop3gw import authority, penalty
 
 STAMP = "<7.8.beef@gw.test>"
 
@@ -22,27 +23,112 @@ class QuietLog:
     info = notice = warning = error = _add
 
 
-def keeper(tmp_path, now=1000, **users):
+def keeper(tmp_path, now=1000, source="192.0.2.1", **users):
+    """An Authority on a real db file (maxbad 3, badsleep 600) whose penalty
+    waits are recorded in .waits instead of slept."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = str(tmp_path / "auth")
     authdb.update(path, lambda current: current.update(
         {name: authdb.User(name, True, secret) for name, secret in users.items()}))
     cache = authdb.Cache(path)
     cache.reload()
-    return authority.Authority(cache, STAMP, 3, 600, QuietLog(), clock=lambda: now), path
+    waits = []
+    auth = authority.Authority(cache, STAMP, 3, 600, QuietLog(), clock=lambda: now,
+                               source=source, sleep=waits.append)
+    auth.waits = waits
+    return auth, path
 
 
-def test_verify_records_outcomes_in_the_file_and_locks(tmp_path):
+def again(auth, source, now=1000):
+    """Another session's Authority on the same db, from source."""
+    other = authority.Authority(auth.database, STAMP, 3, 600, QuietLog(), clock=lambda: now,
+                                source=source, sleep=auth.waits.append)
+    other.waits = auth.waits
+    return other
+
+
+def test_bad_logins_count_against_the_source_and_never_touch_the_db(tmp_path):
     auth, path = keeper(tmp_path, alice="s1")
+    before = os.stat(path)
     for _ in range(3):
         assert auth.verify("alice", apop.digest(STAMP, "bad")) == ("refused", "wrong secret")
-    assert authdb.load(path)[0]["alice"].locked_until == 1600
-    assert auth.verify("alice", apop.digest(STAMP, "s1"))[1].startswith("account locked")
-    assert ("lock", {"user": "alice", "until": 1600, "reason": "3 bad logins"}) in \
-        auth.log.events
+    assert auth.waits == [1, 2, 4]
+    info = os.stat(path)
+    assert (info.st_ino, info.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert authdb.load(path)[0]["alice"].bad == 0
+    assert penalty.load(path + penalty.SUFFIX) == {"192.0.2.1": penalty.Entry(3, 1000)}
+    assert ("penalty", {"addr": "192.0.2.1", "bad": 3, "until": 1600,
+                        "reason": "source refused for 600s"}) in auth.log.events
+    # The source is refused even with the right digest, and the refusal is
+    # not counted; alice from another source logs in.
+    verdict, reason = auth.verify("alice", apop.digest(STAMP, "s1"))
+    assert (verdict, reason) == ("refused",
+                                 "source refused until 1600: 3 bad logins from 192.0.2.1")
+    assert auth.waits[-1] == 4
+    assert again(auth, "192.0.2.2").verify("alice", apop.digest(STAMP, "s1")) == ("ok", "")
+    assert penalty.load(path + penalty.SUFFIX) == {"192.0.2.1": penalty.Entry(3, 1000)}
+    # badsleep after the last bad login the source may try again.
+    assert again(auth, "192.0.2.1", now=1600).verify("alice", apop.digest(STAMP, "s1")) == \
+        ("ok", "")
+    assert penalty.load(path + penalty.SUFFIX) == {}
     later, _ = keeper(tmp_path / "x", now=5000, bob="s2")
     assert later.verify("bob", apop.digest(STAMP, "s2")) == ("ok", "")
     assert authdb.load(str(tmp_path / "x" / "auth"))[0]["bob"].last_login == 5000
+
+
+def test_unknown_user_and_wrong_digest_do_the_same_work(tmp_path):
+    """The same penalty update, the same wait, no db write: only the log
+    reason differs.  Disabled and secret-less users alike."""
+    auth, path = keeper(tmp_path, alice="s1", off="s3", empty="")
+    authdb.update(path, lambda users: setattr(users["off"], "enabled", False))
+    auth.database.refresh()
+    before = os.stat(path)
+    results = {}
+    for number, (name, secret) in enumerate((("alice", "bad"), ("mallory", "s1"),
+                                             ("off", "s3"), ("empty", "x"))):
+        source = "198.51.100.%d" % number
+        one = again(auth, source)
+        verdict, _ = one.verify(name, apop.digest(STAMP, secret))
+        entry = penalty.load(path + penalty.SUFFIX)[source]
+        results[name] = (verdict, auth.waits[-1], entry.count, entry.last)
+    assert set(results.values()) == {("refused", 1, 1, 1000)}, results
+    info = os.stat(path)
+    assert (info.st_ino, info.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_an_old_per_user_lock_no_longer_locks_the_user_out(tmp_path):
+    """An entry an earlier version locked (bad count, locked-until): the
+    right digest logs in, and the good login clears the old fields."""
+    auth, path = keeper(tmp_path, now=1000, alice="s1")
+
+    def lock(users):
+        users["alice"].bad, users["alice"].locked_until = 2, 99999
+    authdb.update(path, lock)
+    auth.database.refresh()
+    assert auth.verify("alice", apop.digest(STAMP, "s1"), defer=True) == ("ok", "")
+    auth.finish()
+    user = authdb.load(path)[0]["alice"]
+    assert (user.bad, user.locked_until, user.last_login) == (0, 0, 1000)
+
+
+def test_a_good_login_clears_only_its_own_source(tmp_path):
+    auth, path = keeper(tmp_path, alice="s1")
+    auth.verify("alice", apop.digest(STAMP, "bad"))
+    again(auth, "192.0.2.9").verify("mallory", apop.digest(STAMP, "bad"))
+    assert auth.verify("alice", apop.digest(STAMP, "s1")) == ("ok", "")
+    assert penalty.load(path + penalty.SUFFIX) == {"192.0.2.9": penalty.Entry(1, 1000)}
+
+
+def test_unusable_penalty_state_is_logged_and_bad_logins_wait_longest(tmp_path):
+    auth, path = keeper(tmp_path, alice="s1")
+    with open(path + penalty.SUFFIX, "w") as handle:
+        handle.write("192.0.2.1 9 1000\n")
+    os.chmod(path + penalty.SUFFIX, 0o644)                 # others may read: not trusted
+    assert auth.verify("alice", apop.digest(STAMP, "bad")) == ("refused", "wrong secret")
+    assert auth.waits == [penalty.MAX_DELAY]
+    assert [fields for event, fields in auth.log.events if event == "penalty"][0][
+        "reason"].endswith("it must be 0600")
+    assert auth.verify("alice", apop.digest(STAMP, "s1")) == ("ok", "")
 
 
 def test_a_good_login_that_changes_nothing_leaves_the_file_alone(tmp_path):
@@ -73,9 +159,10 @@ def test_a_good_login_after_bad_ones_still_clears_the_count(tmp_path):
     auth, path = keeper(tmp_path, now=5000, bob="s2")
     auth.verify("bob", apop.digest(STAMP, "s2"))                  # last login: this second
     assert auth.verify("bob", apop.digest(STAMP, "wrong")) == ("refused", "wrong secret")
-    assert authdb.load(path)[0]["bob"].bad == 1
+    assert penalty.load(path + penalty.SUFFIX)["192.0.2.1"].count == 1
     assert auth.verify("bob", apop.digest(STAMP, "s2"), defer=True) == ("ok", "")
     auth.finish()
+    assert penalty.load(path + penalty.SUFFIX) == {}
     user = authdb.load(path)[0]["bob"]
     assert (user.bad, user.last_login) == (0, 5000)
 

@@ -4,7 +4,7 @@ transcripts of what a client sends and what it must get back."""
 import pytest
 
 from common import apop, authdb, hostmatch
-from pop3gw import authority, session
+from pop3gw import authority, penalty, session
 
 STAMP = "<1.2.abc@gw.test>"
 SERVER = ("mail.inside", 110)
@@ -50,21 +50,40 @@ class MemoryDb:
         return False
 
 
+class RecordingLedger:
+    """The penalty state, recorded: ("bad", source) for each counted bad
+    login; with refuse, the source is past maxbad."""
+
+    def __init__(self, reports, refuse=False):
+        self.reports, self.refuse = reports, refuse
+
+    def settle(self, key, good, now):
+        if self.refuse:
+            return penalty.Verdict(penalty.REFUSED, 5, 0, now + 300)
+        if good:
+            return penalty.Verdict(penalty.GOOD, 0, 0)
+        self.reports.append(("bad", key))
+        return penalty.Verdict(penalty.BAD, 1, 0)
+
+
 class RecordingAuthority(authority.Authority):
-    """The real Authority, with the db writes recorded instead of done."""
+    """The real Authority, with the db writes, the penalty and its wait
+    recorded instead of done."""
 
-    def __init__(self, log, now):
-        super().__init__(MemoryDb(users()), STAMP, 5, 300, log, clock=lambda: now)
+    def __init__(self, log, now, peer, refuse=False):
         self.reports = []
+        super().__init__(MemoryDb(users()), STAMP, 5, 300, log, clock=lambda: now,
+                         source=peer, sleep=lambda seconds: None,
+                         ledger=RecordingLedger(self.reports, refuse))
 
-    def record(self, name, good):
-        self.reports.append((good, name))
+    def record(self, name):
+        self.reports.append((True, name))
 
 
 def make(table=("permit-hosts 127.0.0.0/8",), peer="127.0.0.1", userpass=False,
-         server=SERVER, now=1000):
+         server=SERVER, now=1000, refuse=False):
     log = RecordingLog()
-    keeper = RecordingAuthority(log, now)
+    keeper = RecordingAuthority(log, now, peer, refuse)
     pop = session.Session(session.Settings(server, userpass, rules(*table), "gw.test"),
                           hostmatch.Peer(peer), keeper, STAMP, log)
     return pop, log, keeper.reports
@@ -110,22 +129,22 @@ def test_bytes_after_the_login_line_are_kept_for_the_server():
     ("alice", "wrong", "wrong secret (APOP)"),
     ("nosuch", "alicesecret", "unknown user"),
     ("off", "offsecret", "account disabled"),
-    ("locked", "lockedsecret", "account locked"),
     ("empty", "", "no secret set"),
+    ("alice", "alicesecret", "source refused"),        # this source is past maxbad
 ])
 def test_every_auth_failure_looks_the_same(name, secret, reason):
-    pop, log, _ = make()
+    pop, log, _ = make(refuse=reason == "source refused")
     assert pop.feed(apop_line(name, secret)) == b"-ERR [AUTH] Authentication failed\r\n"
     assert pop.login is None and not pop.closed
     assert log.named("auth-fail")[0]["reason"].startswith(reason)
 
 
-def test_only_a_wrong_digest_of_a_known_user_counts_as_bad():
-    pop, _, reports = make()
+def test_every_failure_counts_against_the_source_alike_never_the_user():
+    pop, _, reports = make(peer="192.0.2.7")
     pop.feed(apop_line("alice", "wrong"))
     pop.feed(apop_line("nosuch", "x"))
-    pop.feed(apop_line("locked", "lockedsecret"))   # right secret while locked: no count
-    assert reports == [(False, "alice")]
+    pop.feed(apop_line("off", "offsecret"))
+    assert reports == [("bad", "192.0.2.7")] * 3      # and no write to the db
 
 
 def test_three_failures_end_the_session():
