@@ -5,13 +5,15 @@ keeps the auth db (a common.authdb.Cache, refreshed before each decision)
 and answers two questions for the jailed session child:
 
 * `verify(user, digest)`: is this the right APOP digest for the session's
-  own timestamp?  It compares in constant time, gives an unknown, disabled,
-  secret-less or locked user the same "no" as a wrong digest (only the log
-  reason differs), and records the outcome in the db file itself (bad-login
-  count, lockout after `maxbad` for `badsleep`, last login), so counting
-  survives the session's processes and cannot be skipped by the child.
-  A good login that would change nothing in the entry (no count to clear,
-  last login already this second) leaves the file alone.
+  own timestamp?  It compares in constant time, gives an unknown, disabled
+  or secret-less user the same "no" as a wrong digest (only the log reason
+  differs), and does the same work for each: bad logins are counted per
+  source address in pop3gw.penalty's file (each answer delayed by the
+  source's penalty, a source past `maxbad` refused for `badsleep`), never
+  in the user's entry, so no one can lock a user out and the answer's
+  time does not tell whether the name exists.  Counting survives the
+  session's processes and cannot be skipped by the child.  A good login
+  notes the last login in the auth db, unless that would change nothing.
 * `sign(timestamp)`: the digest of the upstream server's timestamp, for the
   one user verified in this session only, for a well-formed msg-id only,
   and a bounded number of times.
