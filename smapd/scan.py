@@ -208,7 +208,14 @@ class Scanner:
         now = time.time()
         if now - self.last_sweep > SWEEP_INTERVAL:
             self.last_sweep = now
-            for name in spool.sweep_tmp(self.base):
+            try:
+                swept = spool.sweep_tmp(self.base)
+            except OSError as err:
+                # an entry of tmp/ that cannot be removed (a directory) must not
+                # stop the queue; it is tried again at the next sweep
+                self.log.error("sweep", reason=state.one_line(str(err)))
+                swept = []
+            for name in swept:
                 self.log.notice("sweep", id=name, reason="stale temporary file removed")
         # names a flush left over in the last scan are flushed in this one too
         self.todo_force = self.flush or (self.todo_force and bool(self.todo))

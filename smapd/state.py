@@ -5,13 +5,15 @@ seconds), last-error, one `done RCPT` per recipient already delivered and
 one `failed RCPT<TAB>REASON` per recipient that failed for good.  It is
 written to a temporary name, fsync'ed, renamed over state/ID and the
 directory fsync'ed, so a crash leaves either the old or the new state.
-Its content is trusted only as far as `load` checks it: attempts a small
+Its content is trusted only as far as `load` checks it: a regular file
+(anything else, a link or a FIFO, is no state), attempts a small
 whole number, next-try a finite time in range, written as decimal digits; a
 damaged file is treated as no state at all (at worst a recipient is tried
 again), never as a time that is never reached.
 """
 
 import os
+import stat
 
 from common import spool
 
@@ -61,11 +63,23 @@ def path_of(root, message_id):
 def load(root, message_id):
     """The State of a message; a fresh one if none exists or it is damaged."""
     state = State()
+    # The spool is the scanner's own, but a FIFO, a device or a link where a
+    # state file belongs must read as no state, not block or go elsewhere.
     try:
-        with open(path_of(root, message_id), "rb") as source:
+        fd = os.open(path_of(root, message_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return state
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return state
+        with os.fdopen(fd, "rb") as source:
+            fd = None
             data = source.read(MAX_STATE + 1)
     except OSError:
         return state
+    finally:
+        if fd is not None:
+            os.close(fd)
     if len(data) > MAX_STATE:
         return State()
     try:
@@ -102,7 +116,13 @@ def save(root, message_id, state):
     directory = os.path.join(root, spool.STATE)
     final = os.path.join(directory, message_id)
     temporary = final + ".new"      # never a valid queue id, never read as state
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # whatever is left under the temporary name (a crash, a link, a FIFO that
+    # would block an open for writing) is removed, and the file made afresh
+    try:
+        os.unlink(temporary)
+    except FileNotFoundError:
+        pass
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         data = state.encode()
         view = memoryview(data)

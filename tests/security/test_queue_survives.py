@@ -179,3 +179,33 @@ def test_state_with_a_next_try_that_is_no_time_is_no_state(recording_env, next_t
     assert result.returncode == 0, result.stderr
     assert runs_to(recorder, "good@example.org"), "parked by next-try %s" % next_try
     assert message_id not in queued(directory)
+
+
+def test_a_fifo_as_delivery_state_does_not_hang_the_scanner(recording_env):
+    # the spool is uucp's: a FIFO (or a link) where a state file belongs
+    # must read as no state, not block the scanner for ever
+    directory, recorder, table = recording_env
+    message_id = helpers.spool_message(directory, "a@example.net", ["good@example.org"], GOOD)
+    path = directory / spool.STATE / message_id
+    os.mkfifo(path, 0o600)
+    uid, gid = helpers.uucp_ids()
+    os.chown(path, uid, gid)
+    result = helpers.run_once(table, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert runs_to(recorder, "good@example.org") and message_id not in queued(directory)
+
+
+def test_an_entry_that_cannot_be_swept_does_not_stop_the_queue(recording_env):
+    # a stale directory in tmp/ cannot be unlinked; the sweep at the first
+    # scan raised and smapd died at every start
+    directory, recorder, table = recording_env
+    stale = directory / spool.TMP / "0123456789ABCDEF"
+    stale.mkdir()
+    (stale / "x").write_bytes(b"")
+    old = time.time() - 3 * 86400
+    os.utime(stale, (old, old))
+    good = helpers.spool_message(directory, "a@example.net", ["good@example.org"], GOOD)
+    result = helpers.run_once(table)
+    assert result.returncode == 0, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert runs_to(recorder, "good@example.org") and good not in queued(directory)

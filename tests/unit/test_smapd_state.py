@@ -55,3 +55,28 @@ def test_numbers_that_are_no_time_or_count_are_damage(tmp_path):
     (tmp_path / "state" / "ABCD").write_text("attempts 4\nnext-try 12.5\n")
     loaded = state.load(str(tmp_path), "ABCD")
     assert (loaded.attempts, loaded.next_try) == (4, 12.5)
+
+
+def test_a_fifo_or_a_link_as_state_is_no_state(tmp_path):
+    spool.make_dirs(str(tmp_path))
+    os.mkfifo(tmp_path / "state" / "ABCD")
+    assert state.load(str(tmp_path), "ABCD").attempts == 0      # and it did not block
+    (tmp_path / "real").write_text("attempts 4\nnext-try 12.5\n")
+    os.symlink(tmp_path / "real", tmp_path / "state" / "BCDE")
+    assert state.load(str(tmp_path), "BCDE").attempts == 0
+    os.mkdir(tmp_path / "state" / "CDEF")
+    assert state.load(str(tmp_path), "CDEF").attempts == 0
+
+
+def test_save_over_a_fifo_or_a_link_left_at_the_temporary_name(tmp_path):
+    spool.make_dirs(str(tmp_path))
+    record = state.State()
+    record.attempts = 2
+    os.mkfifo(tmp_path / "state" / "ABCD.new")           # an open for writing would block
+    state.save(str(tmp_path), "ABCD", record)
+    assert state.load(str(tmp_path), "ABCD").attempts == 2
+    (tmp_path / "elsewhere").write_text("keep")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "state" / "BCDE.new")
+    state.save(str(tmp_path), "BCDE", record)
+    assert (tmp_path / "elsewhere").read_text() == "keep"
+    assert state.load(str(tmp_path), "BCDE").attempts == 2
