@@ -21,6 +21,7 @@ bounced (no bounce loops) but kept in the quarantine without a notice.
 """
 
 import collections
+import math
 
 from smapd import state
 
@@ -105,6 +106,10 @@ def settle(record, recipients, targets, outcomes, arrival, now, retry, maxage,
     new, temporary = record_outcomes(record, targets, outcomes)
     if not new.finished(recipients) and temporary:
         age = now - arrival
+        if not math.isfinite(age):
+            # the spool reader refuses such an arrival; a caller that did not
+            # gets a message that gives up, not an exception
+            age = maxage + 1
         if age <= maxage:
             new.next_try = now + retry
             return new, retry_at(new.next_try)

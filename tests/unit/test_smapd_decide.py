@@ -200,3 +200,12 @@ def test_status_of():
     assert decide.status_of("MTA exit 67 EX_NOUSER") == "5.1.1"
     assert decide.status_of("MTA exit 65 EX_DATAERR") == "5.6.0"
     assert decide.status_of("mailhub said 550 no") == "5.0.0"
+
+
+def test_an_arrival_that_is_no_time_gives_up_instead_of_raising():
+    for arrival in (float("nan"), float("inf"), float("-inf")):
+        record, action = decide.settle(state.State(), ["b@x.org"], targets_of(["b@x.org"]),
+                                       {"b@x.org": ("temp", "busy")}, arrival, ARRIVAL,
+                                       RETRY, MAXAGE, "a@x.org", False, POSTMASTER)
+        assert action.kind == decide.BOUNCE, arrival
+        assert action.failures[0][1].startswith("gave up after")
