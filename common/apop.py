@@ -1,6 +1,13 @@
 """APOP (RFC 1939 §7): greeting timestamps, their validation, and digests.
 
-`make_timestamp` builds a fresh `<pid.time.random@host>` for a banner.
+`make_timestamp` builds a fresh `<pid.time.random.pop3gw@host>` for a
+banner.  The fixed `.pop3gw` at the end of its local part is the gateway's
+mark: `issued_by_gateway` recognises it, and the signer refuses to sign
+such a timestamp (a hostile upstream could otherwise offer the timestamp of
+a pop3-gw session of its own and replay the digest there).  The mark needs
+no key and no shared state: a relayed timestamp must be passed on verbatim,
+since any change alters its digest, so every timestamp any mailwall gateway
+issued carries the mark.
 `find_timestamp` takes the timestamp out of an upstream server's greeting and
 accepts it only when it is a well-formed RFC 822 msg-id (`<local@domain>`,
 atoms of RFC 822 atom characters, which include `+ / =` as Dovecot uses
@@ -19,6 +26,7 @@ import time
 
 DIGEST_LENGTH = 32            # 16 octets in hex (RFC 1939 §7)
 MAX_TIMESTAMP = 256           # a greeting line is at most 512 octets (RFC 2449)
+GATEWAY_MARK = "pop3gw"       # the last atom of the local part of our timestamps
 
 # RFC 822 §3.3: atom = 1*<any CHAR except specials, SPACE and CTLs>
 _ATOM = r"[!#$%&'*+\-/=?^_`{|}~0-9A-Za-z]+"
@@ -30,10 +38,19 @@ _DIGEST = re.compile(r"[0-9a-f]{%d}" % DIGEST_LENGTH)
 
 
 def make_timestamp(hostname, pid=None, clock=time.time):
-    """A fresh RFC 1939 timestamp: <pid.time.random@hostname>."""
+    """A fresh RFC 1939 timestamp with the gateway's mark:
+    <pid.time.random.pop3gw@hostname>."""
     pid = os.getpid() if pid is None else pid
     host = hostname if valid_timestamp("<x@%s>" % hostname) else "localhost"
-    return "<%d.%d.%s@%s>" % (pid, int(clock()), os.urandom(8).hex(), host)
+    return "<%d.%d.%s.%s@%s>" % (pid, int(clock()), os.urandom(8).hex(), GATEWAY_MARK, host)
+
+
+def issued_by_gateway(timestamp):
+    """True when the timestamp carries the mark make_timestamp puts in every
+    gateway banner (compared without regard to case: cheaper to refuse a
+    near miss than to reason about it)."""
+    local = timestamp[1:].rpartition("@")[0]
+    return local.rpartition(".")[2].lower() == GATEWAY_MARK
 
 
 def valid_timestamp(text):

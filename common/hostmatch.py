@@ -5,8 +5,12 @@ or a literal address; a leading `!` negates it.  A peer's name takes part in
 matching only when it was forward-confirmed (the reverse name resolves back
 to the peer's address); otherwise the name is None and only address
 patterns can match.  A peer that is not an IP socket has no address: only
-the pattern `*` matches it.  This module does no I/O except in
-`confirmed_name`, which asks the resolver.
+the pattern `*` matches it.  A `-dest` list is matched against a
+`Destination`: the address actually connected to, the name the user typed
+and the names the resolver gave (see `dest_matches`).  `literal_problem`
+says why a typed host may not name a destination (a number that is not a
+plain dotted quad or RFC 5952 IPv6 text).  This module does no I/O except
+in `confirmed_name`, which asks the resolver.
 """
 
 import _socket
@@ -39,6 +43,9 @@ class Peer:
         return "Peer(%r, %r)" % (self.addr, self.name)
 
 
+_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"      # ::ffff:a.b.c.d
+
+
 def normalize_address(text):
     """Canonical text of an IP address; IPv4-mapped IPv6 becomes IPv4."""
     text = text.split("%", 1)[0]
@@ -50,7 +57,7 @@ def normalize_address(text):
         packed = _socket.inet_pton(_socket.AF_INET6, text)
     except (OSError, ValueError):
         return None
-    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+    if packed[:12] == _MAPPED_PREFIX:
         return "%d.%d.%d.%d" % tuple(packed[12:])
     return _ipv6_text(packed)
 
@@ -78,6 +85,36 @@ def _ipv6_text(packed):
         if best_start == 0:
             hextets = [""] + hextets
     return ":".join(hextets)
+
+
+def literal_problem(host):
+    """Why `host`, as typed, may not name a destination; None when it is a
+    host name, a plain dotted quad or an IPv6 address in RFC 5952 text.
+    The C library reads `127.1`, `2130706433`, `0x7f.1` or `0177.0.0.1` as
+    127.0.0.1 too; a rule cannot be expected to know every spelling, so
+    every spelling but the canonical one is refused."""
+    if ":" in host:
+        if "%" in host:
+            return "IPv6 zone index in a destination"
+        try:
+            packed = _socket.inet_pton(_socket.AF_INET6, host)
+        except (OSError, ValueError):
+            return "bad IPv6 address"
+        if packed[:12] == _MAPPED_PREFIX:
+            return "IPv4-mapped IPv6 address: write the dotted quad"
+        if _ipv6_text(packed) != host.lower():
+            return "IPv6 address not in RFC 5952 form (%s)" % _ipv6_text(packed)
+        return None
+    if _plain_ipv4(host):
+        return None
+    last = host.rstrip(".").rpartition(".")[2]
+    if last.isdigit() and last.isascii():
+        return "numeric host name that is not a dotted quad"
+    try:
+        _socket.inet_aton(host)
+    except (OSError, ValueError):
+        return None
+    return "IPv4 address not written as a dotted quad"
 
 
 def _plain_ipv4(text):
@@ -188,6 +225,10 @@ class Pattern:
         else:
             if any(c.isspace() or ord(c) < 32 for c in body):
                 raise PatternError("bad host pattern %r" % body)
+            # `127.1` would be a glob that no address text ever equals: a
+            # `!127.1` meant to deny 127.0.0.1 would deny nothing.
+            if not any(c in "*?[" for c in body) and literal_problem(body):
+                raise PatternError("%s: %r" % (literal_problem(body), body))
             self.glob = body.lower()
             if self.glob != "*":
                 _globs()        # now, before any chroot: hits() needs it
@@ -226,11 +267,57 @@ def _is_ipv4(text):
         return False
 
 
-def list_matches(patterns, addr, name):
-    """The first pattern that hits decides; none hits: true only if all are negated."""
+def first_hit(patterns, addr, name):
+    """True or False as the first pattern that hits says; None: none hits."""
     for pattern in patterns:
         if pattern.hits(addr, name):
             return not pattern.negated
+    return None
+
+
+def list_matches(patterns, addr, name):
+    """The first pattern that hits decides; none hits: true only if all are negated."""
+    verdict = first_hit(patterns, addr, name)
+    if verdict is not None:
+        return verdict
+    return bool(patterns) and all(p.negated for p in patterns)
+
+
+class Destination:
+    """Where a session goes: `addr`, the address connected to; `name`, the
+    host name the user (or the table's `server`) gave, None for an address
+    literal; `learned`, names the resolver gave for it (its canonical name)."""
+
+    __slots__ = ("addr", "name", "learned")
+
+    def __init__(self, addr, name=None, learned=()):
+        self.addr = addr
+        self.name = name.lower().rstrip(".") if name else None
+        self.learned = [n.lower().rstrip(".") for n in learned if n]
+
+    @classmethod
+    def of_text(cls, text):
+        """A destination known only by its spelling (an address or a name)."""
+        addr = normalize_address(text)
+        return cls(addr, None if addr else text)
+
+
+def dest_matches(patterns, dest):
+    """Whether a -dest list speaks for `dest`.  Each form of the destination
+    (its address, the typed name, each learned name) is tried on its own,
+    first hit deciding: a `!` pattern that decides for any form refuses (so
+    a denied address is denied whatever the name, and a denied name whatever
+    the address); otherwise a pattern must hit the address or the typed
+    name.  A learned name can only refuse: it comes from the DNS, and who
+    controls a name's DNS must not be able to earn it a permit."""
+    verdicts = [first_hit(patterns, dest.addr, None)] if dest.addr else []
+    if dest.name:
+        verdicts.append(first_hit(patterns, None, dest.name))
+    learned = [first_hit(patterns, None, name) for name in dest.learned]
+    if False in verdicts or False in learned:
+        return False
+    if True in verdicts:
+        return True
     return bool(patterns) and all(p.negated for p in patterns)
 
 
@@ -261,9 +348,9 @@ class Rule:
         if not list_matches(self.sources, peer.addr, peer.name):
             return False
         if self.dests is not None and dest is not None:
-            dest_addr = normalize_address(dest)
-            dest_name = None if dest_addr else dest.lower().rstrip(".")
-            if not list_matches(self.dests, dest_addr, dest_name):
+            if not isinstance(dest, Destination):
+                dest = Destination.of_text(dest)
+            if not dest_matches(self.dests, dest):
                 return False
         if self.users is not None and user is not None:
             if not words_match(self.users, user):

@@ -198,6 +198,9 @@ def parse_hostport(text, default_port):
         host, port = text.split(":")
     if not host or any(not (c.isalnum() or c in ".-_:") for c in host):
         raise ValueError("bad host name %r" % host)
+    problem = hostmatch.literal_problem(host)     # `127.1`, `0x7f.1`, ...
+    if problem:
+        raise ValueError("%s: %r" % (problem, host))
     try:
         port = int(port)
     except (TypeError, ValueError):

@@ -14,24 +14,35 @@ and answers two questions for the jailed session child:
   time does not tell whether the name exists.  Counting survives the
   session's processes and cannot be skipped by the child.  A good login
   notes the last login in the auth db, unless that would change nothing.
-* `sign(timestamp)`: the digest of the upstream server's timestamp, for the
-  one user verified in this session only, for a well-formed msg-id only,
-  and a bounded number of times.
+* `route` (in `answer`): where may the verified user go?  The monitor's
+  router (pop3gw.gateway.Router) resolves the destination once and applies
+  the host rules to every address; the addresses that passed are the
+  answer, and the only ones `sign` will sign for.  Once a session.
+* `sign(timestamp, address, port)`: the digest of the upstream server's
+  timestamp, for the one user verified in this session only, for a
+  well-formed msg-id only, never for one a pop3-gw issued (apop's mark: a
+  hostile upstream could offer the timestamp of a gateway session of its
+  own and replay our digest there), only for an address:port this session
+  was routed to, and a bounded number of times.
 
 So the jailed child never holds a secret: a compromised session can learn
-nothing about other users, nor make the monitor sign for them.
-`MonitorLink` is the child's end: the same two calls as bounded text lines
-over a socketpair; `serve` is the monitor's loop that answers them.
+nothing about other users, nor make the monitor sign for them or for a
+server it was not routed to.  `MonitorLink` is the child's end: the same
+calls as bounded text lines over a socketpair, each answer checked exactly;
+`serve` is the monitor's loop that answers them, and `answer` checks each
+request exactly (word count, every field) before it acts on it.
 """
 
 import time
 
-from common import apop, authdb
+from common import apop, authdb, hostmatch
 from pop3gw import penalty
 
 MAX_REQUEST = 512
 MAX_REQUESTS = 32
 MAX_SIGNATURES = 2
+MAX_ADDRESSES = 8          # addresses a route may name (one line, well under MAX_REQUEST)
+MAX_REASON = 200
 REFUSED = "refused"
 
 
@@ -52,6 +63,7 @@ class Authority:
         self.ledger = ledger
         self.verified = None
         self.signatures = 0
+        self.approved = None                # {(address, port)} once routed (answer)
         self.deferred = None
 
     def verify(self, name, offered, defer=False):
@@ -156,10 +168,20 @@ class Authority:
         self.approved = frozenset((address, port) for address in addresses)
         return "ok", addresses
 
-    def sign(self, timestamp):
+    def sign(self, timestamp, address, port):
         """The upstream APOP digest, or None when it must not be given."""
         if self.verified is None or self.signatures >= MAX_SIGNATURES \
                 or not apop.valid_timestamp(timestamp):
+            return None
+        fields = dict(user=self.verified,
+                      dest=("[%s]:%d" if ":" in address else "%s:%d") % (address, port))
+        if apop.issued_by_gateway(timestamp):
+            self.log.warning("sign-refused", **fields, reason="timestamp issued by a pop3-gw:"
+                             " the upstream relays a gateway session")
+            return None
+        if self.approved is None or (address, port) not in self.approved:
+            self.log.warning("sign-refused", **fields,
+                             reason="not a server this session was routed to")
             return None
         record = self.database.users.get(self.verified)
         if record is None or not record.secret:
@@ -176,19 +198,42 @@ def unchanged_by_good_login(record, now):
 
 
 def answer(authority, line):
-    """The monitor's answer line to one request line from the child."""
+    """The monitor's answer line to one request line from the child.
+    Requests (each word checked before use):
+      verify USER DIGEST          -> ok | refused REASON
+      route -  |  route HOST:PORT -> ok ADDRESS... | denied REASON | unavailable REASON
+      sign TIMESTAMP ADDRESS PORT -> ok DIGEST | refused
+    """
     words = line.split(" ")
     if len(words) == 3 and words[0] == "verify":
         verdict, reason = authority.verify(words[1], words[2], defer=True)
         return ("%s %s" % (verdict, reason)).strip()
-    if len(words) == 2 and words[0] == "sign":
-        signature = authority.sign(words[1])
+    if len(words) == 2 and words[0] == "route":
+        verdict, found = authority.route(words[1])
+        return "%s %s" % (verdict, " ".join(found) if verdict == "ok" else found)
+    if len(words) == 4 and words[0] == "sign":
+        _, timestamp, address, port_text = words
+        if hostmatch.normalize_address(address) != address or not valid_port(port_text):
+            return "refused bad request"
+        signature = authority.sign(timestamp, address, int(port_text))
         return "ok %s" % signature if signature else "refused"
     return "refused bad request"
 
 
-def serve(channel, authority, resolve, log):
-    """Answer the child until it closes the channel (bounded in size and number)."""
+def valid_port(text):
+    return text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535
+
+
+def clean_reason(text):
+    """A reason as one line of printable ASCII, bounded."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in str(text))
+    return text[:MAX_REASON]
+
+
+def serve(channel, authority, router, log):
+    """Answer the child until it closes the channel (bounded in size and
+    number); `router` decides its route (Authority.route)."""
+    authority.router = router
     reader = channel.makefile("rb")
     for _ in range(MAX_REQUESTS):
         line = reader.readline(MAX_REQUEST + 1)
@@ -197,11 +242,11 @@ def serve(channel, authority, resolve, log):
         if len(line) > MAX_REQUEST or not line.endswith(b"\n"):
             log.error("monitor", reason="oversized request from the session child")
             return
-        text = line[:-1].decode("ascii", "replace")
-        if text.startswith("resolve "):
-            reply = resolve(text.split(" ")[1:])
-        else:
-            reply = answer(authority, text)
+        try:
+            text = line[:-1].decode("ascii")
+        except UnicodeDecodeError:
+            text = ""                           # not a request: "refused bad request"
+        reply = answer(authority, text)
         try:
             channel.sendall(reply.encode("ascii", "replace") + b"\n")
         except OSError:
@@ -212,7 +257,8 @@ def serve(channel, authority, resolve, log):
 
 
 class MonitorLink:
-    """The jailed child's end of the socketpair: the Authority's calls, remotely."""
+    """The jailed child's end of the socketpair: the Authority's calls,
+    remotely; every answer is checked exactly before it is believed."""
 
     def __init__(self, sock):
         self.sock = sock
@@ -221,9 +267,12 @@ class MonitorLink:
     def ask(self, request):
         try:
             self.sock.sendall(request.encode("ascii") + b"\n")
-            return self.reader.readline(MAX_REQUEST).decode("ascii", "replace").split(" ", 1)
+            line = self.reader.readline(MAX_REQUEST + 1)
         except OSError:
             return [REFUSED, "monitor gone"]
+        if len(line) > MAX_REQUEST or not line.endswith(b"\n"):
+            return [REFUSED, "bad answer from the monitor"]
+        return line[:-1].decode("ascii", "replace").split(" ", 1)
 
     def verify(self, name, offered):
         answer_words = self.ask("verify %s %s" % (name, offered))
@@ -231,15 +280,25 @@ class MonitorLink:
         reason = answer_words[1].strip() if len(answer_words) > 1 else ""
         return ("ok", "") if verdict == "ok" else (REFUSED, reason or "refused")
 
-    def sign(self, timestamp):
-        answer_words = self.ask("sign %s" % timestamp)
-        if answer_words[0] == "ok" and len(answer_words) == 2:
-            return answer_words[1].strip()
-        return None
+    def route(self, server):
+        """("ok", addresses) for `-` (the configured server) or HOST:PORT,
+        or ("denied" | "unavailable", reason)."""
+        answer_words = self.ask("route %s" % server)
+        verdict = answer_words[0]
+        rest = answer_words[1] if len(answer_words) > 1 else ""
+        if verdict == "ok":
+            addresses = rest.split(" ")
+            if 1 <= len(addresses) <= MAX_ADDRESSES and all(
+                    hostmatch.normalize_address(address) == address for address in addresses):
+                return "ok", addresses
+            return "unavailable", "bad answer from the monitor"
+        if verdict in ("denied", "unavailable"):
+            return verdict, rest or verdict
+        return "unavailable", rest or "bad answer from the monitor"
 
-    def resolve(self, host, port):
-        """A list of addresses, or raise LookupError with the reason."""
-        answer_words = self.ask("resolve %s %d" % (host, port))
-        if answer_words[0] == "ok" and len(answer_words) == 2:
-            return answer_words[1].split()
-        raise LookupError(answer_words[-1].strip())
+    def sign(self, timestamp, address, port):
+        answer_words = self.ask("sign %s %s %d" % (timestamp, address, port))
+        if answer_words[0] == "ok" and len(answer_words) == 2 \
+                and apop.well_formed_digest(answer_words[1]):
+            return answer_words[1]
+        return None

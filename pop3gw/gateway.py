@@ -7,13 +7,16 @@ Every session is a pair of processes that serves one client and ends:
   the POP3 dialogue (pop3gw.session), the upstream login (pop3gw.upstream)
   and the relay (pop3gw.relay);
 * the root monitor keeps nothing of the client's connection and answers the
-  child's requests on a socketpair: `resolve HOST PORT` (the resolver needs
-  /etc files the jail does not have, so names are resolved outside it),
-  `verify USER DIGEST` and `sign TIMESTAMP` (pop3gw.authority: the secrets
-  stay in the monitor, which also writes bad-login counts and lockouts to
-  the db file, so they persist across sessions and processes).  The monitor
-  trusts nothing the child says: every request is a bounded line,
-  re-checked, and their number is bounded.
+  child's requests on a socketpair (pop3gw.authority): `verify USER DIGEST`,
+  `route HOST:PORT` and `sign TIMESTAMP ADDRESS PORT`.  The secrets stay in
+  the monitor, which also writes bad-login counts and lockouts to the db
+  file, so they persist across sessions and processes.  The destination is
+  decided here too (`Router`): the monitor resolves it once (the resolver
+  needs /etc files the jail does not have), applies the host rules to every
+  address and to the names, and gives the child only the addresses that
+  passed; it signs only for one of those.  The monitor trusts nothing the
+  child says: every request is a bounded line, re-checked, and their
+  number is bounded.
 
 The monitor forks the child, which jails itself and waits, before it reads
 the auth db (so the child never had a secret in its memory), and only then
@@ -34,7 +37,7 @@ import urllib.parse
 from common import apop, fsguard, hostmatch, lineio, privs, skeleton
 from pop3gw import authority, relay, session, upstream
 
-MAX_ADDRESSES = 8
+MAX_ADDRESSES = authority.MAX_ADDRESSES
 
 
 def prepare_directory(path, logger):
@@ -62,7 +65,10 @@ class Context:
 
 def settings_of(config):
     hostname = socket.gethostname() or "localhost"
-    return session.Settings(config.get("server"), config.get("userpass"), config.rules, hostname)
+    server = config.get("server")
+    if server is not None and server[1] == 0:
+        server = (server[0], session.DEFAULT_PORT)     # `server HOST`: port 110
+    return session.Settings(server, config.get("userpass"), config.rules, hostname)
 
 
 def connection(context):
@@ -189,7 +195,8 @@ class SessionPair:
         skeleton.set_title("pop3-gw: monitor %s" % peer.addr_text)
         keeper = authority.Authority(context.database, timestamp, config.get("maxbad"),
                                      config.get("badsleep"), logger, source=peer.addr)
-        authority.serve(self.link, keeper, resolve_request, logger)
+        router = Router(self.settings.rules, self.settings.server, peer, logger)
+        authority.serve(self.link, keeper, router, logger)
         self.link.close()
         _, status = os.waitpid(self.pid, 0)
         return 0 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else 1
@@ -203,30 +210,107 @@ def send(data):
 
 
 # -- the root monitor ---------------------------------------------------------
-def resolve_request(words):
-    """The monitor's answer to `resolve HOST PORT`, names re-checked."""
-    if len(words) != 2:
-        return "refused bad request"
-    try:
-        host, port = session.parse_server("%s:%s" % (words[0], words[1]))
-    except ValueError as err:
-        return "refused %s" % err
-    return resolve(host, port)
+class Router:
+    """The monitor's decision where a verified user may go (`route`).
+
+    The destination is resolved once, here; each address it has is checked
+    with the host rules (source host, the address, the typed name, the
+    resolver's canonical name, user: hostmatch.dest_matches), and only the
+    addresses that pass are returned: the child connects to nothing else and
+    the signer signs for nothing else.  `-` is the configured `server`,
+    which every rule may permit; a HOST:PORT the user named with `%` only a
+    rule with a `-dest` list.  An address that connect() takes for this
+    host (0.0.0.0/8, ::) or an IPv4-compatible ::a.b.c.d is never used."""
+
+    def __init__(self, rules, server, peer, logger, resolver=None):
+        self.rules, self.server, self.peer, self.log = rules, server, peer, logger
+        self.resolve = resolver or resolve      # tests give a stand-in for the DNS
+
+    def __call__(self, user, word):
+        peer = self.peer
+        if word == "-":
+            if self.server is None:
+                return "denied", "no server configured"
+            host, port = self.server
+            rules = self.rules
+        else:
+            try:
+                host, port = session.parse_server(word)
+            except ValueError as err:
+                return "denied", "bad server: %s" % err
+            # a rule without -dest speaks only for the configured server
+            rules = [rule for rule in self.rules if not rule.permit or rule.dests is not None]
+        fields = dict(host=peer.name_text, addr=peer.addr_text, user=user,
+                      dest=session.server_text_of(host, port))
+        problem = hostmatch.literal_problem(host)
+        if problem:
+            self.log.notice("deny", **fields, reason=problem)
+            return "denied", problem
+        try:
+            addresses, learned = self.resolve(host, port)
+        except LookupError as err:
+            return "unavailable", "cannot resolve %s: %s" % (host, err)
+        name = None if hostmatch.normalize_address(host) else host
+        passed, refused, permit_rule, deny_rule, reason = [], [], None, None, None
+        for address in addresses:
+            problem = unusable(address)
+            if problem:
+                refused.append(address)
+                reason = reason or problem
+                continue
+            permitted, rule = hostmatch.decide(
+                rules, peer, hostmatch.Destination(address, name, learned), user)
+            if permitted:
+                passed.append(address)
+                permit_rule = permit_rule or rule
+            else:
+                refused.append(address)
+                deny_rule = deny_rule or rule
+        if not passed:
+            self.log.notice("deny", **fields, rule=deny_rule.line if deny_rule else None,
+                            addresses=",".join(refused),
+                            reason=reason or "no rule permits this user and destination")
+            return "denied", "permission denied"
+        self.log.info("permit", **fields, rule=permit_rule.line if permit_rule else None,
+                      addresses=",".join(passed), refused=",".join(refused) or None,
+                      canonical=",".join(learned) or None)
+        return "ok", (port, passed)
 
 
 def resolve(host, port):
+    """(addresses, canonical names) of host, each once, the addresses
+    normalised (IPv4-mapped to IPv4) and at most MAX_ADDRESSES; LookupError."""
+    numeric = hostmatch.normalize_address(host) is not None
+    flags = socket.AI_NUMERICHOST if numeric else socket.AI_CANONNAME
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
     except (OSError, UnicodeError) as err:
-        return "refused cannot resolve: %s" % (getattr(err, "strerror", None) or err)
-    addresses = []
+        raise LookupError(getattr(err, "strerror", None) or str(err)) from None
+    addresses, learned = [], []
     for info in infos:
+        canonical = info[3].lower().rstrip(".")
+        if canonical and canonical != host.rstrip(".") and canonical not in learned:
+            learned.append(canonical)
         address = hostmatch.normalize_address(info[4][0])
         if address and address not in addresses:
             addresses.append(address)
     if not addresses:
-        return "refused no address"
-    return "ok " + " ".join(addresses[:MAX_ADDRESSES])
+        raise LookupError("no address")
+    return addresses[:MAX_ADDRESSES], learned[:MAX_ADDRESSES]
+
+
+def unusable(address):
+    """Why an address is never a destination, or None."""
+    if ":" not in address:
+        if address.split(".", 1)[0] == "0":
+            return "0.0.0.0/8 is this host to connect()"
+        return None
+    packed = socket.inet_pton(socket.AF_INET6, address)
+    if packed == bytes(16):
+        return ":: is this host to connect()"
+    if packed[:12] == bytes(12) and packed != bytes(15) + b"\1":
+        return "IPv4-compatible IPv6 address"
+    return None
 
 
 # -- the jailed session child -----------------------------------------------------
@@ -325,21 +409,12 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
             ended = "closed before login"
         if pop.login is not None:
             login = pop.login
-            fields.update(user=login.user, dest="%s:%d" % (login.host, login.port))
+            fields.update(user=login.user, dest=session.server_text_of(login.host, login.port))
             skeleton.set_title("pop3-gw: %s %s" % (peer.addr_text, login.user))
             try:
-                # An address literal needs no resolver: no round trip to the monitor.
-                address = hostmatch.normalize_address(login.host)
-                if address is not None:
-                    addresses = [address]
-                else:
-                    try:
-                        addresses = link.resolve(login.host, login.port)
-                    except LookupError as err:
-                        raise upstream.UpstreamError("cannot resolve %s: %s"
-                                                     % (login.host, err),
-                                                     upstream.UNAVAILABLE) from None
-                server = upstream.login(addresses, login.port, login.user, link.sign, timeout)
+                # Only the addresses the monitor's rules passed (Session.authenticate).
+                server = upstream.login(login.addresses, login.port, login.user, link.sign,
+                                        timeout)
             except upstream.UpstreamError as err:
                 logger.notice("upstream-fail", reason=err.reason, **fields)
                 channel.write(err.reply)

@@ -9,14 +9,20 @@ control or 8-bit characters are refused, errors and failed logins are
 counted and end the session.  `APOP name digest` with name `user` or
 `user%server[:port]` is checked by an authority (pop3gw.authority: the root
 monitor, which alone holds the secrets); an unknown, disabled, secret-less
-or locked user gets the same answer as a wrong digest.  The host rules decide on source host, destination and user; a
-destination the client names with `%` must be permitted by a rule that has
-a `-dest` list (a rule without one permits only the configured `server`),
-so a client can never aim the proxy, and a digest of its secret, at a
-server of its choosing.
+or locked user gets the same answer as a wrong digest.  A `%server` must be
+a host name, a plain dotted quad or `[IPv6]` in RFC 5952 text: any other
+number the C library would read as an address (`127.1`, `0x7f.1`, ...) is
+refused here.  Where the session may go is decided by the same authority,
+not here: it resolves the destination once, applies the host rules (source
+host, every address, the names, user) and answers with the addresses that
+passed, the only ones the session may connect to.  A destination the
+client names with `%` must be permitted by a rule that has a `-dest` list
+(a rule without one permits only the configured `server`), so a client can
+never aim the proxy, and a digest of its secret, at a server of its choosing.
 
-On success `login` holds who and where, and `rest` any bytes the client
-sent after its login line; the caller then talks to the server.
+On success `login` holds who and where (with those addresses), and `rest`
+any bytes the client sent after its login line; the caller then talks to
+the server.
 """
 
 import re
@@ -50,17 +56,24 @@ class Settings:
 class Login:
     """Who logged in and where the session goes."""
 
-    __slots__ = ("user", "host", "port", "explicit")
+    __slots__ = ("user", "host", "port", "explicit", "addresses")
 
-    def __init__(self, user, host, port, explicit):
+    def __init__(self, user, host, port, explicit, addresses=()):
         self.user, self.host, self.port = user, host, port
         self.explicit = explicit        # named by the client with user%server
+        self.addresses = list(addresses)    # the authority's: the only ones to connect to
+
+
+def server_text_of(host, port):
+    """HOST:PORT as parse_server reads it back ([IPv6]:PORT)."""
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
 def parse_server(text):
     """(host, port) from the client's `server[:port]`; ValueError if odd.
-    Host: a DNS name of letters, digits and hyphens, an IPv4 address, or
-    [IPv6]; port: 1..65535 in decimal digits."""
+    Host: a DNS name of letters, digits and hyphens whose last label is not
+    all digits, a plain dotted quad, or [IPv6] in RFC 5952 text (not
+    IPv4-mapped, no zone); port: 1..65535 in decimal digits."""
     host, port_text = text, None
     if text.startswith("["):
         end = text.find("]")
@@ -71,7 +84,7 @@ def parse_server(text):
             if not rest.startswith(":"):
                 raise ValueError("junk after ]")
             port_text = rest[1:]
-        if hostmatch.normalize_address(host) is None or ":" not in host:
+        if ":" not in host:
             raise ValueError("bad IPv6 address")
     else:
         if ":" in text:
@@ -83,6 +96,9 @@ def parse_server(text):
                 raise ValueError("bad IPv4 address")
         elif not all(_HOST_LABEL.fullmatch(label) for label in host.rstrip(".").split(".")):
             raise ValueError("bad host name")
+    problem = hostmatch.literal_problem(host)
+    if problem:
+        raise ValueError(problem)
     port = DEFAULT_PORT
     if port_text is not None:
         if not port_text.isdigit() or not port_text.isascii() or len(port_text) > 5:
@@ -240,23 +256,20 @@ class Session:
         verdict, reason = self.authority.verify(user_name, offered)
         if verdict != "ok":
             return self.fail(user_name, "%s (%s)" % (reason, method))
-        dest = "%s:%d" % (host, port)
-        rules = self.settings.rules
-        if server_text is not None:
-            # a rule without -dest speaks only for the configured server
-            rules = [rule for rule in rules if not rule.permit or rule.dests is not None]
-        permitted, rule = hostmatch.decide(rules, peer, host, user_name)
-        if not permitted:
-            self.log.notice("deny", host=peer.name_text, addr=peer.addr_text, user=user_name,
-                            dest=dest, rule=rule.line if rule else None,
-                            reason="no rule permits this user and destination")
-            return self.close(b"-ERR [SYS/PERM] permission denied for %s to %s\r\n"
-                              % (user_name.encode(), host.encode()))
-        self.log.info("permit", host=peer.name_text, addr=peer.addr_text, user=user_name,
-                      dest=dest, rule=rule.line if rule else None)
-        self.login = Login(user_name, host, port, server_text is not None)
-        self.state = LOGGED_IN
-        return b""
+        # The authority resolves, applies the host rules and logs the
+        # decision; `-` asks for the configured server, which it knows itself.
+        verdict, found = self.authority.route(
+            server_text_of(host, port) if server_text is not None else "-")
+        if verdict == "ok":
+            self.login = Login(user_name, host, port, server_text is not None, found)
+            self.state = LOGGED_IN
+            return b""
+        if verdict == "unavailable":
+            self.log.notice("upstream-fail", host=peer.name_text, addr=peer.addr_text,
+                            user=user_name, dest=server_text_of(host, port), reason=found)
+            return self.close(b"-ERR [SYS/TEMP] mail server unavailable, try again later\r\n")
+        return self.close(b"-ERR [SYS/PERM] permission denied for %s to %s\r\n"
+                          % (user_name.encode(), host.encode()))
 
     def fail(self, user_name, reason):
         self.auth_failures += 1

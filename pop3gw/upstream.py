@@ -1,10 +1,13 @@
 """The server side of pop3-gw: log in to the internal POP3 server with APOP
 on the user's behalf (DESIGN §8), in the manner of poplib's ladder.
 
-connect (each resolved address in turn, `timeout` for each step) → read the
-greeting → require a well-formed RFC 822 msg-id timestamp in it (a server
-that may choose arbitrary challenges can recover the secret) → send
-`APOP user digest` with the same secret → read the answer.  Only `+OK`
+connect (each address the monitor's rules passed in turn, `timeout` for
+each step) → read the greeting → require a well-formed RFC 822 msg-id
+timestamp in it (a server that may choose arbitrary challenges can recover
+the secret) → ask the signer for `APOP user digest` with the same secret,
+naming the address and port actually connected to (the signer signs only
+for an address it routed this session to, and never a timestamp a pop3-gw
+issued) → read the answer.  Only `+OK`
 lets the session go on.  A `-ERR` from the server reaches the client as the
 server wrote it, response code and text unchanged ([IN-USE],
 [LOGIN-DELAY], [SYS/TEMP], ...).  Everything the server sends is bounded:
@@ -41,7 +44,7 @@ class Connection:
 
 
 def connect(addresses, port, timeout):
-    """A socket connected to the first address that answers."""
+    """(socket, address) for the first of addresses that answers."""
     last = "no address"
     for address in addresses:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -50,7 +53,7 @@ def connect(addresses, port, timeout):
         try:
             sock.connect((address, port))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
+            return sock, address
         except OSError as err:
             last = "%s:%d: %s" % (address, port, err.strerror or err)
             sock.close()
@@ -98,8 +101,9 @@ def passed_through(line):
 
 def login(addresses, port, user, sign, timeout):
     """A Connection logged in as user, or UpstreamError (the socket closed).
-    sign(timestamp) gives the APOP digest (the secret stays with the caller)."""
-    sock = connect(addresses, port, timeout)
+    sign(timestamp, address, port) gives the APOP digest for the server at
+    address:port, or None (the secret stays with the caller)."""
+    sock, address = connect(addresses, port, timeout)
     try:
         reader = LineReader(sock, timeout)
         greeting = reader.line()
@@ -112,7 +116,7 @@ def login(addresses, port, user, sign, timeout):
             timestamp = apop.find_timestamp(greeting)
         except ValueError as err:
             raise UpstreamError(str(err), NO_APOP) from None
-        signature = sign(timestamp)
+        signature = sign(timestamp, address, port)
         if signature is None:
             raise UpstreamError("no APOP digest for this timestamp", NO_APOP)
         command = b"APOP %s %s\r\n" % (user.encode("ascii"), signature.encode("ascii"))

@@ -46,7 +46,7 @@ def test_inetd_mode_under_real_xinetd(shared_dir, setup, dovecot):
     port = realpeers.free_port()
     with realpeers.Xinetd(shared_dir / "xinetd", service_from_shipped(port, setup.table)):
         pop = poplib.POP3("127.0.0.1", port, timeout=30)
-        assert re.fullmatch(rb"\+OK mailwall pop3-gw ready <\d+\.\d+\.[0-9a-f]+@[^>]+>",
+        assert re.fullmatch(rb"\+OK mailwall pop3-gw ready <\d+\.\d+\.[0-9a-f]+\.pop3gw@[^>]+>",
                             pop.getwelcome())
         assert pop.apop("alice", "alicesecret").startswith(b"+OK")
         assert b"Subject: via xinetd" in pop.retr(1)[1]

@@ -46,6 +46,7 @@ from hypothesis import event, given, strategies as st
 
 from common import apop, authdb, hostmatch, netperm, spool
 from pop3gw import authority as pop3_authority
+from pop3gw import gateway as pop3_gateway
 from pop3gw import session as pop3_session
 from smapd import agent, checks, state
 from tests.security.fuzzing import FUZZ
@@ -273,6 +274,8 @@ def test_fuzz_pop3_session_never_authenticates_without_the_right_digest(lines, c
         hostmatch.parse_rule("permit-hosts", ["*"])], hostname="gw.example.org")
     log = RecordingLog()
     authority = pop3_authority.Authority(FixedDatabase(), STAMP, 5, 300, log)
+    authority.router = pop3_gateway.Router(settings.rules, settings.server,
+                                           hostmatch.Peer("192.0.2.9"), log)
     pop = pop3_session.Session(settings, hostmatch.Peer("192.0.2.9"), authority, STAMP, log)
     transcript = b"".join(lines)
     position = 0
@@ -284,7 +287,8 @@ def test_fuzz_pop3_session_never_authenticates_without_the_right_digest(lines, c
     event("authenticated" if pop.login is not None else "not authenticated")
     if pop.login is not None:
         assert pop.login.user == "alice" and authority.verified == "alice"
-        assert authority.sign("<1.2@server>") == apop.digest("<1.2@server>", "alicesecret")
+        assert authority.sign("<1.2@server>", "127.0.0.1", 110) == \
+            apop.digest("<1.2@server>", "alicesecret")
         consumed = transcript[:len(transcript) - len(pop.rest)] if pop.rest else transcript
         # the login line, CRLF-framed, is in what the session consumed
         assert b"APOP alice " + RIGHT + b"\r\n" in consumed

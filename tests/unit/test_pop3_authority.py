@@ -144,7 +144,10 @@ def test_a_good_login_that_changes_nothing_leaves_the_file_alone(tmp_path):
                                     clock=lambda: 5000.2)
         assert again.verify("bob", apop.digest(STAMP, "s2"), defer=defer) == ("ok", "")
         again.finish()
-        assert again.sign("<1.2@upstream.test>") == apop.digest("<1.2@upstream.test>", "s2")
+        again.router = UPSTREAM_ROUTER
+        assert again.route("-") == ("ok", ["192.0.2.9"])
+        assert again.sign("<1.2@upstream.test>", "192.0.2.9", 110) == \
+            apop.digest("<1.2@upstream.test>", "s2")
     after = os.stat(path)
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == \
         (before.st_ino, before.st_mtime_ns, before.st_size)
@@ -176,30 +179,87 @@ def test_unknown_and_malformed(tmp_path):
         ("refused", "wrong secret")                      # only this session's timestamp
 
 
-def test_sign_only_after_verify_and_only_a_valid_timestamp(tmp_path):
+def UPSTREAM_ROUTER(user, word):
+    """A router that sends everyone to 192.0.2.9:110 and records whom."""
+    UPSTREAM_ROUTER.asked.append((user, word))
+    return "ok", (110, ["192.0.2.9"])
+
+
+UPSTREAM_ROUTER.asked = []
+
+
+def test_sign_only_after_verify_and_route_and_only_a_valid_timestamp(tmp_path):
     auth, _ = keeper(tmp_path, alice="s1", bob="s2")
-    assert auth.sign("<1@up>") is None                         # nobody verified yet
+    auth.router = UPSTREAM_ROUTER
+    assert auth.sign("<1@up>", "192.0.2.9", 110) is None       # nobody verified yet
+    assert auth.route("-") == ("denied", "not logged in")
     auth.verify("alice", apop.digest(STAMP, "s1"))
-    assert auth.sign("<bad stamp@up>") is None
-    assert auth.sign("<1@up>") == apop.digest("<1@up>", "s1")   # alice's, never bob's
-    assert auth.sign("<2@up>") == apop.digest("<2@up>", "s1")
-    assert auth.sign("<3@up>") is None                          # bounded
+    assert auth.sign("<1@up>", "192.0.2.9", 110) is None       # not routed yet
+    assert auth.route("-") == ("ok", ["192.0.2.9"])
+    assert UPSTREAM_ROUTER.asked[-1] == ("alice", "-")         # the verified user's route
+    assert auth.route("-") == ("denied", "already routed")
+    assert auth.sign("<bad stamp@up>", "192.0.2.9", 110) is None
+    assert auth.sign("<1@up>", "192.0.2.10", 110) is None      # not the routed server
+    assert auth.sign("<1@up>", "192.0.2.9", 111) is None
+    assert auth.sign("<1@up>", "192.0.2.9", 110) == apop.digest("<1@up>", "s1")  # alice's
+    assert auth.sign("<2@up>", "192.0.2.9", 110) == apop.digest("<2@up>", "s1")
+    assert auth.sign("<3@up>", "192.0.2.9", 110) is None      # bounded
+
+
+def test_a_timestamp_a_gateway_issued_is_never_signed(tmp_path):
+    auth, _ = keeper(tmp_path, alice="s1")
+    auth.verify("alice", apop.digest(STAMP, "s1"))
+    auth.router = UPSTREAM_ROUTER
+    auth.route("-")
+    for stamp in (apop.make_timestamp("gw.test"), apop.make_timestamp("other.mailwall.test"),
+                  "<1.2.3.POP3GW@x>"):
+        assert auth.sign(stamp, "192.0.2.9", 110) is None
+    assert [fields["reason"] for event, fields in auth.log.events
+            if event == "sign-refused"][0].startswith("timestamp issued by a pop3-gw")
+    assert auth.signatures == 0
+    assert auth.sign("<1.2.pop3gwx@up>", "192.0.2.9", 110) == \
+        apop.digest("<1.2.pop3gwx@up>", "s1")
+
+
+def test_a_refused_route_leaves_nothing_to_sign_for(tmp_path):
+    auth, _ = keeper(tmp_path, alice="s1")
+    auth.verify("alice", apop.digest(STAMP, "s1"))
+    auth.router = lambda user, word: ("denied", "permission denied\n")
+    assert auth.route("x:1") == ("denied", "permission denied?")
+    auth.router = UPSTREAM_ROUTER
+    assert auth.route("x:1") == ("denied", "already routed")
+    assert auth.sign("<1@up>", "192.0.2.9", 110) is None
+    # a router answer that is not an address in canonical text is not passed on
+    other, _ = keeper(tmp_path / "b", alice="s1")
+    other.verify("alice", apop.digest(STAMP, "s1"))
+    other.router = lambda user, word: ("ok", (110, ["127.1", "::FFFF:1.2.3.4"]))
+    assert other.route("-") == ("denied", "no usable address")
 
 
 def test_the_line_protocol_between_child_and_monitor(tmp_path):
     auth, _ = keeper(tmp_path, alice="s1")
     child, monitor = socket.socketpair()
-    thread = threading.Thread(target=authority.serve, args=(
-        monitor, auth, lambda words: "ok 127.0.0.1" if words == ["mail", "110"]
-        else "refused no", auth.log))
+
+    def router(user, word):
+        return ("ok", (110, ["127.0.0.1", "::1"])) if word == "mail:110" \
+            else ("denied", "no")
+    thread = threading.Thread(target=authority.serve, args=(monitor, auth, router, auth.log))
     thread.start()
     link = authority.MonitorLink(child)
     assert link.verify("alice", apop.digest(STAMP, "wrong")) == ("refused", "wrong secret")
-    assert link.sign("<1@up>") is None
+    assert link.sign("<1@up>", "127.0.0.1", 110) is None
+    assert link.route("mail:110") == ("denied", "not logged in")
     assert link.verify("alice", apop.digest(STAMP, "s1")) == ("ok", "")
-    assert link.sign("<1@up>") == apop.digest("<1@up>", "s1")
-    assert link.resolve("mail", 110) == ["127.0.0.1"]
-    assert link.ask("frobnicate") == ["refused", "bad request\n"]
+    assert link.route("mail:110") == ("ok", ["127.0.0.1", "::1"])
+    assert link.sign("<1@up>", "::1", 110) == apop.digest("<1@up>", "s1")
+    # every field of a request is checked exactly
+    for request in ("sign <2@up> 127.1 110", "sign <2@up> 127.0.0.1 0",
+                    "sign <2@up> 127.0.0.1 0110x", "sign <2@up> ::ffff:127.0.0.1 110",
+                    "sign <2@up> 127.0.0.1", "sign  <2@up> 127.0.0.1 110",
+                    "route", "route a b", "frobnicate"):
+        assert link.ask(request) == ["refused", "bad request"], request
+    child.sendall(b"verify \xff\xfe x\n")                    # not ASCII: refused
+    assert link.reader.readline() == b"refused bad request\n"
     child.sendall(b"x" * 600 + b"\n")                          # oversized: monitor stops
     thread.join(10)
     assert not thread.is_alive()

@@ -4,7 +4,7 @@ transcripts of what a client sends and what it must get back."""
 import pytest
 
 from common import apop, authdb, hostmatch
-from pop3gw import authority, penalty, session
+from pop3gw import authority, gateway, penalty, session
 
 STAMP = "<1.2.abc@gw.test>"
 SERVER = ("mail.inside", 110)
@@ -80,12 +80,26 @@ class RecordingAuthority(authority.Authority):
         self.reports.append((True, name))
 
 
+NAMES = {"mail.inside": ["192.0.2.110"], "localhost": ["127.0.0.1", "::1"]}
+
+
+def stand_in_resolver(host, port):
+    """The DNS of these tests: NAMES, and an address literal is itself."""
+    if hostmatch.normalize_address(host):
+        return [host], []
+    if host not in NAMES:
+        raise LookupError("Name or service not known")
+    return list(NAMES[host]), []
+
+
 def make(table=("permit-hosts 127.0.0.0/8",), peer="127.0.0.1", userpass=False,
          server=SERVER, now=1000, refuse=False):
     log = RecordingLog()
     keeper = RecordingAuthority(log, now, peer, refuse)
-    pop = session.Session(session.Settings(server, userpass, rules(*table), "gw.test"),
-                          hostmatch.Peer(peer), keeper, STAMP, log)
+    settings = session.Settings(server, userpass, rules(*table), "gw.test")
+    keeper.router = gateway.Router(settings.rules, server, hostmatch.Peer(peer), log,
+                                   stand_in_resolver)
+    pop = session.Session(settings, hostmatch.Peer(peer), keeper, STAMP, log)
     return pop, log, keeper.reports
 
 
