@@ -337,8 +337,11 @@ def read_message(path):
         os.close(fd)
 
 
-def sweep_tmp(root, now=None, max_age=STALE_TMP_SECONDS):
-    """Remove temporary files older than max_age; returns their names."""
+def sweep_tmp(root, now=None, max_age=STALE_TMP_SECONDS, failures=None):
+    """Remove temporary files older than max_age; returns their names.  An
+    entry that cannot be removed (a directory uucp left there, EIO) is
+    skipped, so it cannot keep the others: failures, when given, gets
+    (name, reason) for each."""
     now = time.time() if now is None else now
     removed = []
     directory = os.path.join(root, TMP)
@@ -353,8 +356,8 @@ def sweep_tmp(root, now=None, max_age=STALE_TMP_SECONDS):
                 os.unlink(path)
                 removed.append(name)
         except OSError as err:
-            if err.errno != errno.ENOENT:
-                raise
+            if err.errno != errno.ENOENT and failures is not None:
+                failures.append((name, err.strerror or str(err)))
     return removed
 
 

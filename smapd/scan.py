@@ -208,13 +208,12 @@ class Scanner:
         now = time.time()
         if now - self.last_sweep > SWEEP_INTERVAL:
             self.last_sweep = now
-            try:
-                swept = spool.sweep_tmp(self.base)
-            except OSError as err:
-                # an entry of tmp/ that cannot be removed (a directory) must not
-                # stop the queue; it is tried again at the next sweep
-                self.log.error("sweep", reason=state.one_line(str(err)))
-                swept = []
+            failures = []
+            swept = spool.sweep_tmp(self.base, failures=failures)
+            for name, reason in failures:
+                # skipped, tried again at the next sweep: it must not stop the queue
+                self.log.error("sweep", file=state.one_line(name)[:80],
+                               reason=state.one_line(reason))
             for name in swept:
                 self.log.notice("sweep", id=name, reason="stale temporary file removed")
         # names a flush left over in the last scan are flushed in this one too

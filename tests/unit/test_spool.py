@@ -192,3 +192,17 @@ def test_decimal():
     assert spool.decimal("1.25", fraction=False) is None
     for text in ("nan", "inf", "1e5", "-1", "1_0", "\u0663", "", ".", "1.", ".1", "1.2.3"):
         assert spool.decimal(text) is None, text
+
+
+def test_an_entry_that_cannot_be_swept_does_not_keep_the_others(tmp_path):
+    root = str(tmp_path)
+    spool.make_dirs(root)
+    tmp = tmp_path / spool.TMP
+    (tmp / "0A").mkdir()
+    (tmp / "0B").write_bytes(b"x")
+    for name in ("0A", "0B"):
+        os.utime(tmp / name, (1000, 1000))
+    failures = []
+    assert spool.sweep_tmp(root, now=1000 + spool.STALE_TMP_SECONDS + 1,
+                           failures=failures) == ["0B"]
+    assert [name for name, _ in failures] == ["0A"] and (tmp / "0A").is_dir()
