@@ -56,6 +56,7 @@ class Authority:
         self.clock = clock
         self.sleep = sleep
         # Bad logins are counted per source, never per user (pop3gw.penalty).
+        self.address = source or "unknown"
         self.source = penalty.source_key(source)
         if ledger is None:
             ledger = penalty.Ledger(database.path, maxbad, badsleep) \
@@ -200,14 +201,20 @@ def unchanged_by_good_login(record, now):
 def answer(authority, line):
     """The monitor's answer line to one request line from the child.
     Requests (each word checked before use):
-      verify USER DIGEST          -> ok | refused REASON
+      verify USER DIGEST          -> ok | refused   (the reason is logged here, never told)
       route -  |  route HOST:PORT -> ok ADDRESS... | denied REASON | unavailable REASON
       sign TIMESTAMP ADDRESS PORT -> ok DIGEST | refused
     """
     words = line.split(" ")
     if len(words) == 3 and words[0] == "verify":
         verdict, reason = authority.verify(words[1], words[2], defer=True)
-        return ("%s %s" % (verdict, reason)).strip()
+        if verdict == "ok":
+            return "ok"
+        # The reason stays here: told to the child, it would tell a taken-over
+        # child which names exist (unknown user, disabled, wrong secret).
+        authority.log.notice("auth-fail", addr=authority.address, user=words[1][:64],
+                             reason=reason)
+        return REFUSED
     if len(words) == 2 and words[0] == "route":
         verdict, found = authority.route(words[1])
         return "%s %s" % (verdict, " ".join(found) if verdict == "ok" else found)
@@ -275,10 +282,9 @@ class MonitorLink:
         return line[:-1].decode("ascii", "replace").split(" ", 1)
 
     def verify(self, name, offered):
+        """("ok", "") or (REFUSED, None): the monitor logs why, and tells no one."""
         answer_words = self.ask("verify %s %s" % (name, offered))
-        verdict = answer_words[0].strip()
-        reason = answer_words[1].strip() if len(answer_words) > 1 else ""
-        return ("ok", "") if verdict == "ok" else (REFUSED, reason or "refused")
+        return ("ok", "") if answer_words == ["ok"] else (REFUSED, None)
 
     def route(self, server):
         """("ok", addresses) for `-` (the configured server) or HOST:PORT,

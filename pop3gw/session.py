@@ -255,7 +255,9 @@ class Session:
             return self.close(b"-ERR [SYS/PERM] no POP3 server configured\r\n")
         verdict, reason = self.authority.verify(user_name, offered)
         if verdict != "ok":
-            return self.fail(user_name, "%s (%s)" % (reason, method))
+            # reason None: the monitor refused and logged why itself
+            return self.fail(user_name, None if reason is None else "%s (%s)" % (reason, method),
+                             method)
         # The authority resolves, applies the host rules and logs the
         # decision; `-` asks for the configured server, which it knows itself.
         verdict, found = self.authority.route(
@@ -271,10 +273,14 @@ class Session:
         return self.close(b"-ERR [SYS/PERM] permission denied for %s to %s\r\n"
                           % (user_name.encode(), host.encode()))
 
-    def fail(self, user_name, reason):
+    def fail(self, user_name, reason, method=None):
         self.auth_failures += 1
-        self.log.notice("auth-fail", host=self.peer.name_text, addr=self.peer.addr_text,
-                        user=user_name, reason=reason)
+        if reason is None:
+            self.log.info("refused", host=self.peer.name_text, addr=self.peer.addr_text,
+                          user=user_name, method=method)
+        else:
+            self.log.notice("auth-fail", host=self.peer.name_text, addr=self.peer.addr_text,
+                            user=user_name, reason=reason)
         if self.auth_failures >= MAX_AUTH_FAILURES:
             return self.close(AUTH_FAILED)
         return AUTH_FAILED

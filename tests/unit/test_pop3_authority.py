@@ -246,7 +246,11 @@ def test_the_line_protocol_between_child_and_monitor(tmp_path):
     thread = threading.Thread(target=authority.serve, args=(monitor, auth, router, auth.log))
     thread.start()
     link = authority.MonitorLink(child)
-    assert link.verify("alice", apop.digest(STAMP, "wrong")) == ("refused", "wrong secret")
+    # the child learns only "refused": why is logged in the monitor, never told
+    assert link.ask("verify nosuch %s" % apop.digest(STAMP, "wrong")) == ["refused"]
+    assert link.verify("alice", apop.digest(STAMP, "wrong")) == ("refused", None)
+    assert [fields["reason"] for event, fields in auth.log.events if event == "auth-fail"] \
+        == ["unknown user", "wrong secret"]
     assert link.sign("<1@up>", "127.0.0.1", 110) is None
     assert link.route("mail:110") == ("denied", "not logged in")
     assert link.verify("alice", apop.digest(STAMP, "s1")) == ("ok", "")
