@@ -98,7 +98,7 @@ TRIALS ?= 20
 SEED ?= 1
 
 # hypothesis with the long profile: FUZZ_EXAMPLES inputs for each of the
-# nine properties of tests/security/test_fuzz.py (default: ~1.08 million)
+# eleven properties of tests/security/test_fuzz.py (default: ~1.3 million)
 fuzz: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=long FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VPY) -m pytest -q \
 	  tests/security/test_fuzz.py --hypothesis-show-statistics
