@@ -176,6 +176,14 @@ def locked(path):
 
 def write(path, users):
     """Replace path atomically with users (call with the lock held)."""
+    replace_file(path, format_users(users).encode("utf-8"))
+
+
+def replace_file(path, data):
+    """Replace a root-only file beside the db (the db itself, its penalty
+    state) with data: a temporary file made O_EXCL in the checked directory,
+    mode 0600, fsync'ed and renamed over path, then the directory fsync'ed;
+    never through a link.  Call with the file's lock held."""
     dir_fd = open_directory_of(path)
     name = os.path.basename(path)
     temporary = "%s.tmp.%d" % (name, os.getpid())
@@ -184,7 +192,7 @@ def write(path, users):
                      | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(format_users(users).encode("utf-8"))
+                handle.write(data)
                 handle.flush()
                 os.fchmod(handle.fileno(), 0o600)
                 os.fsync(handle.fileno())

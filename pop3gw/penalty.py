@@ -176,28 +176,10 @@ def load(path):
 
 def store(path, entries):
     """Replace path atomically with entries (call with the lock held)."""
-    dir_fd = _directory(path)
-    name = os.path.basename(path)
-    temporary = "%s.tmp.%d" % (name, os.getpid())
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(format_entries(entries).encode("ascii"))
-                handle.flush()
-                os.fchmod(handle.fileno(), 0o600)
-                os.fsync(handle.fileno())
-            os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            try:
-                os.unlink(temporary, dir_fd=dir_fd)
-            except OSError:
-                pass
-            raise
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        authdb.replace_file(path, format_entries(entries).encode("ascii"))
+    except authdb.AuthDbError as err:
+        raise PenaltyError(str(err)) from None
 
 
 @contextlib.contextmanager
