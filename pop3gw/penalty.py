@@ -18,7 +18,10 @@ The policy, decided by the root monitor of each session:
   and wrong digests alike, so the refusal is no oracle, and a client that
   keeps polling with its fixed password gets in again after `badsleep`):
   a source gets at most `maxbad` guesses every `badsleep` seconds.
-* A good login from a source clears that source's count only.
+* A good login does not clear its source's count (one account of the
+  attacker's own would otherwise reset the guessing budget at will): the
+  count ages out `badsleep` after the source's last bad login, or
+  `authmgr unblock ADDRESS` clears it.
 * Nothing here depends on the user name: an attacker can make only its
   own source (and those sharing its IPv4 address or IPv6 /64) wait.
 
@@ -214,11 +217,15 @@ class Ledger:
                 return Verdict(REFUSED, entry.count, delay(entry.count),
                                entry.last + self.badsleep)
             if good:
-                if key in entries:
-                    del entries[key]
+                # Not cleared: a client with an account of its own would reset
+                # its count with a good login after each maxbad-1 guesses at
+                # another user's secret.  The count ages out badsleep after the
+                # source's last bad login (or `authmgr unblock`).
+                if entry is None and key in entries:
+                    del entries[key]            # aged out: tidy it away
                     prune(entries, now, self.badsleep)
                     store(self.path, entries)
-                return Verdict(GOOD, 0, 0)
+                return Verdict(GOOD, entry.count if entry is not None else 0, 0)
             count = (entry.count if entry is not None else 0) + 1
             entries[key] = Entry(count, now)
             prune(entries, now, self.badsleep)

@@ -135,11 +135,28 @@ def flush(config, stream):
             is_smapd = b"smapd" in source.read(4096)
     except OSError:
         is_smapd = False
-    if not is_smapd:
+    # The pid file and the lock are uucp's to forge: signal only a process
+    # that runs as the scanner does (userid), which uucp could signal itself,
+    # never a process of root's that happens to have "smapd" in its name.
+    scanner_uid = uid if os.geteuid() == 0 else os.geteuid()
+    if not is_smapd or process_uids(pid) != {scanner_uid}:
         stream.write("smapd: pid %d in %s is not smapd\n" % (pid, PIDFILE))
         return 1
     os.kill(pid, signal.SIGUSR1)
     return 0
+
+
+def process_uids(pid):
+    """The set of a process's real, effective, saved and file-system uids
+    (empty when it cannot be read)."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as source:
+            for line in source.read(8192).split(b"\n"):
+                if line.startswith(b"Uid:"):
+                    return {int(word) for word in line.split()[1:5]}
+    except (OSError, ValueError):
+        pass
+    return set()
 
 
 def listing(config, stream, errors=sys.stderr):

@@ -28,7 +28,9 @@ from common import spool
 from tests.integration import realpeers
 from tests.integration.pop3_helpers import POP3GW, Setup as Pop3Setup
 from tests.integration.smapd_helpers import PYTHON, ROOT, SMAPD, spool_message
-from tests.security.harness import SmapSetup
+from tests.security.harness import SmapSetup, program
+
+UUCP = pwd.getpwnam("uucp")
 
 pytestmark = pytest.mark.integration
 
@@ -446,3 +448,39 @@ def test_make_install_does_not_chown_through_links_in_the_spool(tmp_path, plante
     assert result.returncode != 0, output
     name = "queue" if planted == "queue-file" else planted
     assert "%s/%s: " % (spool_dir, name) in output and reason in output, output
+
+
+def test_smapd_flush_never_signals_a_root_process_named_in_a_forged_pid_file(tmp_path):
+    """uucp owns the spool: it can hold `.smapd.lock` itself and write any
+    pid into `.smapd.pid`.  A root process whose command line contains
+    "smapd" (an administrator's `tail -f /var/log/smapd.log`) must not get
+    root's SIGUSR1, which would end it (found by the review)."""
+    realpeers.require_root()
+    import fcntl
+    import signal
+    root = tmp_path / "flush"
+    root.mkdir()
+    os.chmod(root, 0o755)
+    directory = root / "spool"
+    os.close(spool.open_spool(str(directory), UUCP.pw_uid, UUCP.pw_gid, own_top=True))
+    table = root / "table"
+    table.write_text("smap, smapd: directory %s\n" % directory)
+    victim = subprocess.Popen(["bash", "-c", 'exec -a "tail -f /var/log/smapd.log" sleep 60'])
+    try:
+        lock_path = directory / ".smapd.lock"
+        lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.fchown(lock, UUCP.pw_uid, UUCP.pw_gid)
+        fcntl.flock(lock, fcntl.LOCK_EX)          # held, as a forging uucp would
+        pidfile = directory / ".smapd.pid"
+        pidfile.write_text("%d\n" % victim.pid)
+        os.chown(pidfile, UUCP.pw_uid, UUCP.pw_gid)
+        result = subprocess.run([program("smapd"), "-c", str(table), "--flush"],
+                                capture_output=True, timeout=30)
+        assert result.returncode == 1, result
+        assert b"is not smapd" in result.stderr
+        time.sleep(0.3)
+        assert victim.poll() is None, "the root process was signalled"
+        os.close(lock)
+    finally:
+        victim.send_signal(signal.SIGTERM)
+        victim.wait(10)

@@ -79,7 +79,9 @@ def test_settle_counts_refuses_and_forgets(tmp_path):
     assert book.settle("192.0.2.2", True, 1100).outcome == "good"
     # badsleep after the last counted bad login, the source starts afresh.
     assert outcomes(book, "192.0.2.1", [False], 1600) == [("bad", 1, 1)]
-    assert outcomes(book, "192.0.2.1", [True], 1601) == [("good", 0, 0)]
+    assert outcomes(book, "192.0.2.1", [True], 1601) == [("good", 1, 0)]    # not cleared
+    assert penalty.load(book.path) == {"192.0.2.1": penalty.Entry(1, 1600)}
+    assert outcomes(book, "192.0.2.1", [True], 2200) == [("good", 0, 0)]    # aged out
     assert penalty.load(book.path) == {}
 
 
@@ -171,7 +173,7 @@ def test_only_a_source_s_own_bad_logins_refuse_it(tmp_path_factory, sequence):
     itself made maxbad counted bad logins, the last less than badsleep ago;
     and no source ever gets more than maxbad counted bad logins in a row."""
     book = penalty.Ledger(str(tmp_path_factory.mktemp("p") / "auth"), 3, 10)
-    own = {}                    # key -> times of its counted bad logins since its last clear
+    own = {}                    # key -> times of its counted bad logins (none cleared)
     now = 1000
     for key, good, step in sequence:
         now += step
@@ -183,5 +185,5 @@ def test_only_a_source_s_own_bad_logins_refuse_it(tmp_path_factory, sequence):
             own[key] = history + [now]
             assert verdict.count == len(own[key]) <= 3
         elif verdict.outcome == "good":
-            own[key] = []
+            own[key] = history          # a good login clears nothing
 
