@@ -1,5 +1,5 @@
 """smapd's start-up sequence, its single-instance lock, the pid file,
-`--flush` and the `-q` queue listing.
+and `--flush` (the `-q` listing and queue control are smapd.queuectl).
 
 Start-up (as root): check the table; make the spool, its subdirectories,
 baddir and the trigger FIFO and give them to `userid`; take the lock
@@ -21,20 +21,17 @@ so several smapd on several spools do not collide, and the jailed scanner
 can remove it when it stops.  Because the spool belongs to `userid`,
 `--flush` does not trust the file blindly: it reads it without following
 a link and signals the pid only while the lock is held and when /proc says
-the process is an smapd.  `-q` lists the spool after the same jail and
-drop as the scanner's.
+the process is an smapd.
 """
 
 import fcntl
 import os
 import signal
 import socket
-import stat
-import sys
 import time
 
 from common import fsguard, log, privs, skeleton, spool
-from smapd import agent, bounce, checks, scan, state
+from smapd import agent, bounce, checks, scan
 
 PROGRAM = "smapd"
 PIDFILE = ".smapd.pid"
@@ -157,70 +154,6 @@ def process_uids(pid):
     except (OSError, ValueError):
         pass
     return set()
-
-
-def listing(config, stream, errors=sys.stderr):
-    """-q: the queue like mailq (id, age, size, sender, attempts, error,
-    recipients).  Everything in the spool is uucp's to change, so the
-    listing is made after the same jail and drop as the scanner's (started
-    as root): what a link there points to is read with uucp's rights
-    inside the spool, if at all."""
-    directory = config.get("directory")
-    uid, gid, _ = privs.user_and_group(config)
-    try:
-        os.close(fsguard.open_directory(directory, owners=spool_owners(uid)))
-        jailed = privs.drop(directory, uid, gid)
-    except fsguard.UnsafePath as err:
-        if err.missing:
-            stream.write("Mail queue is empty\n")
-            return 0
-        errors.write("smapd: %s\n" % err)
-        return 1
-    except (OSError, privs.PrivilegeError) as err:
-        errors.write("smapd: %s: %s\n" % (directory, getattr(err, "strerror", None) or err))
-        return 1
-    base = "/" if jailed else directory
-    names = spool.queued(base)
-    now = time.time()
-    if not names:
-        stream.write("Mail queue is empty\n")
-        return 0
-    stream.write("%-24s %8s %9s  %s\n" % ("Queue ID", "Age", "Size", "Sender / Recipients"))
-    for name in names:
-        try:
-            fd = os.open(os.path.join(base, spool.QUEUE, name),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)   # a FIFO must not hang -q
-        except OSError:
-            continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise spool.SpoolError("not a regular file")
-            envelope, _, length = spool.locate(fd)
-        except (spool.SpoolError, OSError) as err:
-            stream.write("%-24s %8s %9s  (unreadable: %s)\n" % (name, "-", "-", err))
-            continue
-        finally:
-            os.close(fd)
-        record = state.load(base, name)
-        stream.write("%-24s %8s %9d  <%s> attempts=%d\n" % (
-            name, age_text(now - envelope["arrival"]), length, envelope["sender"],
-            record.attempts))
-        if record.last_error:
-            stream.write("%44s(%s)\n" % ("", record.last_error[:200]))
-        closed = set(record.done)
-        for recipient in envelope["rcpt"]:
-            mark = " (delivered)" if recipient in closed else ""
-            stream.write("%44s<%s>%s\n" % ("", recipient, mark))
-    stream.write("-- %d message%s\n" % (len(names), "" if len(names) == 1 else "s"))
-    return 0
-
-
-def age_text(seconds):
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return "%d%s" % (seconds // size, unit)
-    return "%ds" % seconds
 
 
 def jailed_path(path, directory, jailed):
