@@ -276,6 +276,8 @@ def hold(spool_dir, name):
         raise Unchanged("already on hold")
     where, fd = spool_dir.find(name, (spool.QUEUE,))
     try:
+        if spool_dir.in_the_way(spool.HOLD, name):
+            raise Refused("hold/%s is in the way" % name)
         record = state.load(spool_dir.base, name)
         record.held_since = time.time()
         state.save(spool_dir.base, name, record)
@@ -290,6 +292,8 @@ def release(spool_dir, name):
         raise Unchanged("not on hold")
     where, fd = spool_dir.find(name, (spool.HOLD,))
     try:
+        if spool_dir.in_the_way(spool.QUEUE, name):
+            raise Refused("queue/%s is in the way" % name)
         record = state.load(spool_dir.base, name)
         now = time.time()
         held = max(0.0, now - record.held_since) if record.held_since else 0.0
