@@ -31,7 +31,7 @@ import socket
 import time
 
 from common import fsguard, log, privs, skeleton, spool
-from smapd import agent, bounce, checks, scan
+from smapd import agent, bounce, checks, metrics, scan
 
 PROGRAM = "smapd"
 PIDFILE = ".smapd.pid"
@@ -236,6 +236,8 @@ def start(config, options, stderr):
     logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
     try:
         lock_fd, trigger = prepare_spool(directory, baddir, uid, gid, root)
+        # the metrics file's directory, opened now: the scanner writes there from its jail
+        target = metrics.prepare(config.get("metrics-file"), uid, gid, root)
     except fsguard.UnsafePath as err:
         stderr.write("smapd: %s\n" % err)     # one line, as common.cli.program writes them
         logger.error("refuse", reason=str(err))
@@ -248,7 +250,8 @@ def start(config, options, stderr):
         return 1
     once = "--once" in options.flags
     if not options.foreground and not once:
-        keep = [lock_fd, trigger] + ([logger.sock.fileno()] if logger.sock else [])
+        keep = [lock_fd, trigger] + ([logger.sock.fileno()] if logger.sock else []) \
+            + ([target.dir_fd] if target else [])
         skeleton.daemonize(keep_fds=keep)
     reporting_mta = warm_up()
     scanner_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -258,6 +261,8 @@ def start(config, options, stderr):
         try:
             os.close(lock_fd)
             os.close(trigger)
+            if target:
+                target.close()
             scanner_end.close()
             privs.drop(directory, uid, gid, chroot=False)
             os.chdir("/")
@@ -279,8 +284,10 @@ def start(config, options, stderr):
             logger.error("pidfile", reason="%s: %s" % (os.path.join(directory, PIDFILE),
                                                          err.strerror or err))
     logger.info("start", directory=directory, agent=pid, once="yes" if once else None)
+    jailed_baddir = jailed_path(baddir, directory, jailed)
+    counting = metrics.Metrics(target, base, jailed_baddir, directory, logger) if target else None
     scanner = scan.Scanner(base, config, logger, scanner_end, trigger, reporting_mta,
-                           jailed_path(baddir, directory, jailed), once)
+                           jailed_baddir, once, metrics=counting)
     status = scanner.run()
     scanner_end.close()         # the agent lets its workers finish, then exits
     if once:
