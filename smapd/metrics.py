@@ -45,7 +45,7 @@ import os
 import stat
 import time
 
-from common import fsguard, spool
+from common import exposition, fsguard, spool
 
 COUNTERS = ".smapd.counters"
 MIN_INTERVAL = 1.0      # seconds between two writes of the metrics file
@@ -125,33 +125,6 @@ def read_counters(base):
     return counts
 
 
-def write_atomically(dir_fd, name, data, mode):
-    """name in dir_fd: a fresh temporary file (no link followed), fsync,
-    rename, fsync of the directory."""
-    temporary = name + ".tmp"
-    try:
-        os.unlink(temporary, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 mode, dir_fd=dir_fd)
-    try:
-        os.fchmod(fd, mode)         # whatever the umask: node_exporter's user reads it
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
-
-
-def escape(value):
-    """A label value of the text format: backslash, quote and newline escaped."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def queue_snapshot(base, baddir, now):
     """The gauges read from the spool (names, lstat: no message is opened)."""
     names = spool.queued(base)
@@ -195,28 +168,21 @@ TOTALS = (
 
 def render(spool_name, gauges, counts):
     """The exposition: HELP and TYPE lines, one sample a line, LF ends each."""
-    label = 'spool="%s"' % escape(spool_name)
+    label = 'spool="%s"' % exposition.escape(spool_name)
     lines = []
     for name, text in GAUGES:
-        lines += ["# HELP mailwall_%s %s" % (name, text), "# TYPE mailwall_%s gauge" % name,
-                  "mailwall_%s{%s} %s" % (name, label, number(gauges.get(name, 0)))]
-    lines += ["# HELP mailwall_deliveries_total Delivery outcomes, one per recipient and "
-              "attempt, by result (ok: delivered, temp: deferred, perm: failed for good).",
-              "# TYPE mailwall_deliveries_total counter"]
-    for result in DELIVERY_RESULTS:
-        # labels in name order, as node_exporter serves them
-        lines.append('mailwall_deliveries_total{result="%s",%s} %d'
-                     % (result, label, counts["deliveries_" + result]))
+        lines += exposition.family("mailwall_" + name, "gauge", text,
+                                   [(label, gauges.get(name, 0))])
+    # labels in name order, as node_exporter serves them
+    lines += exposition.family(
+        "mailwall_deliveries_total", "counter",
+        "Delivery outcomes, one per recipient and attempt, by result "
+        "(ok: delivered, temp: deferred, perm: failed for good).",
+        [('result="%s",%s' % (result, label), counts["deliveries_" + result])
+         for result in DELIVERY_RESULTS])
     for name, key, text in TOTALS:
-        lines += ["# HELP mailwall_%s %s" % (name, text), "# TYPE mailwall_%s counter" % name,
-                  "mailwall_%s{%s} %d" % (name, label, counts[key])]
+        lines += exposition.family("mailwall_" + name, "counter", text, [(label, counts[key])])
     return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def number(value):
-    if isinstance(value, int):
-        return "%d" % value
-    return ("%.3f" % value).rstrip("0").rstrip(".")
 
 
 class Metrics:
@@ -262,7 +228,7 @@ class Metrics:
         try:
             base_fd = os.open(self.base, fsguard.DIRECTORY_FLAGS)
             try:
-                write_atomically(base_fd, COUNTERS, b"".join(
+                exposition.write_atomically(base_fd, COUNTERS, b"".join(
                     b"%s %d\n" % (key.encode(), value) for key, value in self.counts.items()),
                     0o600)
             finally:
@@ -271,7 +237,7 @@ class Metrics:
                 gauges = queue_snapshot(self.base, self.baddir, now)
                 gauges["deliveries_in_progress"] = inflight
                 gauges["last_scan_timestamp_seconds"] = self.last_scan or now
-                write_atomically(self.target.dir_fd, self.target.name,
+                exposition.write_atomically(self.target.dir_fd, self.target.name,
                                  render(self.spool_name, gauges, self.counts), 0o644)
         except OSError as err:
             if not self.failing:        # once, not at every scan
