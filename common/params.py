@@ -107,6 +107,8 @@ _DECLARED = [
     # of its directory opened before the chroot (smapd.metrics)
     Param("metrics-file", (SMAPD,), "path", None, None, None,
           "Prometheus text file rewritten atomically at every scan (node_exporter's textfile collector)"),
+    Param("metrics-file", (POP3GW,), "path", None, None, None,
+          "Prometheus text file of the login counters, rewritten atomically at each login"),
     Param("server", (POP3GW,), "hostport", None, None, None,
           "POP3 server used when the user gives no %server"),
     Param("authfile", (POP3GW, AUTHMGR), "path", "/etc/mailwall/pop3-auth", None, None,
