@@ -103,6 +103,12 @@ _DECLARED = [
           "who hears about quarantined mail and double bounces"),
     Param("shorten-domain", (SMAPD,), "words", None, None, None,
           "rewrite user@host.DOMAIN to user@DOMAIN in From/Sender/Reply-To/Cc"),
+    # issue 16 (metrics): written by the chrooted scanner through a descriptor
+    # of its directory opened before the chroot (smapd.metrics)
+    Param("metrics-file", (SMAPD,), "path", None, None, None,
+          "Prometheus text file rewritten atomically at every scan (node_exporter's textfile collector)"),
+    Param("metrics-file", (POP3GW,), "path", None, None, None,
+          "Prometheus text file of the login counters, rewritten atomically at each login"),
     Param("server", (POP3GW,), "hostport", None, None, None,
           "POP3 server used when the user gives no %server"),
     Param("authfile", (POP3GW, AUTHMGR), "path", "/etc/mailwall/pop3-auth", None, None,

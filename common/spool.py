@@ -4,7 +4,9 @@ Layout under the spool directory (smap's chroot):
 
     tmp/ID        a message being received; never looked at by smapd
     queue/ID      a complete message: only ever created by rename from tmp/
-    state/ID      smapd's delivery state for queue/ID (written atomically)
+    state/ID      smapd's delivery state for queue/ID or hold/ID (written atomically)
+    hold/ID       a message put on hold by `smapd --hold`: never delivered nor
+                  expired until `smapd --release` renames it back to queue/
     bad/          the default quarantine (baddir)
     .trigger      a FIFO: smap writes a byte after each rename to wake smapd
     .smapd.lock   held by the running smapd
@@ -34,6 +36,7 @@ from common import fsguard
 MAGIC = b"MAILWALL-SPOOL 1\n"
 END = b"\nMAILWALL-END "
 TMP, QUEUE, STATE, BAD = "tmp", "queue", "state", "bad"
+HOLD = "hold"
 TRIGGER = ".trigger"
 LOCK = ".smapd.lock"
 STALE_TMP_SECONDS = 36 * 3600
@@ -361,9 +364,14 @@ def sweep_tmp(root, now=None, max_age=STALE_TMP_SECONDS, failures=None):
     return removed
 
 
-def queued(root):
+def queued(root, directory=QUEUE):
     """Names of the complete messages in queue/ (never anything else)."""
     try:
-        return sorted(n for n in os.listdir(os.path.join(root, QUEUE)) if valid_id(n))
+        return sorted(n for n in os.listdir(os.path.join(root, directory)) if valid_id(n))
     except OSError:
         return []
+
+
+def held(root):
+    """Names of the messages on hold (hold/, made by the first `smapd --hold`)."""
+    return queued(root, HOLD)

@@ -102,6 +102,9 @@ class Authority:
         if verdict.outcome == penalty.REFUSED:
             reason = "source refused until %d: %d bad logins from %s" % (
                 verdict.until, verdict.count, self.source)
+        if self.tally is not None:     # pop3gw.logins: the same work for every name
+            self.tally.count("good" if reason is None else
+                             "refused" if verdict.outcome == penalty.REFUSED else "bad")
         elif verdict.outcome == penalty.BAD and verdict.count == self.maxbad:
             self.log.warning("penalty", addr=self.source, bad=verdict.count,
                              until=verdict.until,
@@ -146,6 +149,7 @@ class Authority:
             self.log.error("authfile", path=self.database.path, reason=str(err))
 
     router = None       # router(user, word): pop3gw.gateway.Router, set by the monitor
+    tally = None        # pop3gw.logins.Tally with `metrics-file`, set by the monitor
 
     def route(self, word):
         """("ok", addresses) or ("denied" | "unavailable", reason): where the

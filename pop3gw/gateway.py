@@ -35,7 +35,7 @@ import time
 import urllib.parse
 
 from common import apop, fsguard, hostmatch, lineio, privs, skeleton
-from pop3gw import authority, relay, session, upstream
+from pop3gw import authority, logins, relay, session, upstream
 
 MAX_ADDRESSES = authority.MAX_ADDRESSES
 
@@ -196,6 +196,8 @@ class SessionPair:
         keeper = authority.Authority(context.database, timestamp, config.get("maxbad"),
                                      config.get("badsleep"), logger, source=peer.addr)
         router = Router(self.settings.rules, self.settings.server, peer, logger)
+        if config.get("metrics-file"):
+            keeper.tally = logins.Tally(config.get("metrics-file"), logger)
         authority.serve(self.link, keeper, router, logger)
         self.link.close()
         _, status = os.waitpid(self.pid, 0)

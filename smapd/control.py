@@ -1,5 +1,5 @@
 """smapd's start-up sequence, its single-instance lock, the pid file,
-`--flush` and the `-q` queue listing.
+and `--flush` (the `-q` listing and queue control are smapd.queuectl).
 
 Start-up (as root): check the table; make the spool, its subdirectories,
 baddir and the trigger FIFO and give them to `userid`; take the lock
@@ -21,20 +21,17 @@ so several smapd on several spools do not collide, and the jailed scanner
 can remove it when it stops.  Because the spool belongs to `userid`,
 `--flush` does not trust the file blindly: it reads it without following
 a link and signals the pid only while the lock is held and when /proc says
-the process is an smapd.  `-q` lists the spool after the same jail and
-drop as the scanner's.
+the process is an smapd.
 """
 
 import fcntl
 import os
 import signal
 import socket
-import stat
-import sys
 import time
 
 from common import fsguard, log, privs, skeleton, spool
-from smapd import agent, bounce, checks, scan, state
+from smapd import agent, bounce, checks, metrics, scan
 
 PROGRAM = "smapd"
 PIDFILE = ".smapd.pid"
@@ -159,70 +156,6 @@ def process_uids(pid):
     return set()
 
 
-def listing(config, stream, errors=sys.stderr):
-    """-q: the queue like mailq (id, age, size, sender, attempts, error,
-    recipients).  Everything in the spool is uucp's to change, so the
-    listing is made after the same jail and drop as the scanner's (started
-    as root): what a link there points to is read with uucp's rights
-    inside the spool, if at all."""
-    directory = config.get("directory")
-    uid, gid, _ = privs.user_and_group(config)
-    try:
-        os.close(fsguard.open_directory(directory, owners=spool_owners(uid)))
-        jailed = privs.drop(directory, uid, gid)
-    except fsguard.UnsafePath as err:
-        if err.missing:
-            stream.write("Mail queue is empty\n")
-            return 0
-        errors.write("smapd: %s\n" % err)
-        return 1
-    except (OSError, privs.PrivilegeError) as err:
-        errors.write("smapd: %s: %s\n" % (directory, getattr(err, "strerror", None) or err))
-        return 1
-    base = "/" if jailed else directory
-    names = spool.queued(base)
-    now = time.time()
-    if not names:
-        stream.write("Mail queue is empty\n")
-        return 0
-    stream.write("%-24s %8s %9s  %s\n" % ("Queue ID", "Age", "Size", "Sender / Recipients"))
-    for name in names:
-        try:
-            fd = os.open(os.path.join(base, spool.QUEUE, name),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)   # a FIFO must not hang -q
-        except OSError:
-            continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise spool.SpoolError("not a regular file")
-            envelope, _, length = spool.locate(fd)
-        except (spool.SpoolError, OSError) as err:
-            stream.write("%-24s %8s %9s  (unreadable: %s)\n" % (name, "-", "-", err))
-            continue
-        finally:
-            os.close(fd)
-        record = state.load(base, name)
-        stream.write("%-24s %8s %9d  <%s> attempts=%d\n" % (
-            name, age_text(now - envelope["arrival"]), length, envelope["sender"],
-            record.attempts))
-        if record.last_error:
-            stream.write("%44s(%s)\n" % ("", record.last_error[:200]))
-        closed = set(record.done)
-        for recipient in envelope["rcpt"]:
-            mark = " (delivered)" if recipient in closed else ""
-            stream.write("%44s<%s>%s\n" % ("", recipient, mark))
-    stream.write("-- %d message%s\n" % (len(names), "" if len(names) == 1 else "s"))
-    return 0
-
-
-def age_text(seconds):
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return "%d%s" % (seconds // size, unit)
-    return "%ds" % seconds
-
-
 def jailed_path(path, directory, jailed):
     """path as the scanner sees it; None when it lies outside a chroot."""
     if not jailed:
@@ -303,6 +236,8 @@ def start(config, options, stderr):
     logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
     try:
         lock_fd, trigger = prepare_spool(directory, baddir, uid, gid, root)
+        # the metrics file's directory, opened now: the scanner writes there from its jail
+        target = metrics.prepare(config.get("metrics-file"), uid, gid, root)
     except fsguard.UnsafePath as err:
         stderr.write("smapd: %s\n" % err)     # one line, as common.cli.program writes them
         logger.error("refuse", reason=str(err))
@@ -315,7 +250,8 @@ def start(config, options, stderr):
         return 1
     once = "--once" in options.flags
     if not options.foreground and not once:
-        keep = [lock_fd, trigger] + ([logger.sock.fileno()] if logger.sock else [])
+        keep = [lock_fd, trigger] + ([logger.sock.fileno()] if logger.sock else []) \
+            + ([target.dir_fd] if target else [])
         skeleton.daemonize(keep_fds=keep)
     reporting_mta = warm_up()
     scanner_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -325,6 +261,8 @@ def start(config, options, stderr):
         try:
             os.close(lock_fd)
             os.close(trigger)
+            if target:
+                target.close()
             scanner_end.close()
             privs.drop(directory, uid, gid, chroot=False)
             os.chdir("/")
@@ -346,8 +284,10 @@ def start(config, options, stderr):
             logger.error("pidfile", reason="%s: %s" % (os.path.join(directory, PIDFILE),
                                                          err.strerror or err))
     logger.info("start", directory=directory, agent=pid, once="yes" if once else None)
+    jailed_baddir = jailed_path(baddir, directory, jailed)
+    counting = metrics.Metrics(target, base, jailed_baddir, directory, logger) if target else None
     scanner = scan.Scanner(base, config, logger, scanner_end, trigger, reporting_mta,
-                           jailed_path(baddir, directory, jailed), once)
+                           jailed_baddir, once, metrics=counting)
     status = scanner.run()
     scanner_end.close()         # the agent lets its workers finish, then exits
     if once:

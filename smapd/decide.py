@@ -13,11 +13,12 @@ outcome kind other than "ok" or "perm" counts as temporary.
 The rules (smapd(8)): "ok" delivers, "perm" fails the recipient for good,
 anything else is temporary; a message with a pending recipient after a
 temporary failure is retried `retry` seconds later while it is at most
-`maxage` seconds old, after that its pending recipients fail with "gave up
-after".  Once every recipient is settled, failures are bounced to the
-sender, or to the postmaster when the sender is empty, except a failed
-notice of our own (empty sender and our notice header): it is never
-bounced (no bounce loops) but kept in the quarantine without a notice.
+`maxage` seconds old (not counting the time it spent on hold), after
+that its pending recipients fail with "gave up after".  Once every
+recipient is settled, failures are bounced to the sender, or to the
+postmaster when the sender is empty, except a failed notice of our own
+(empty sender and our notice header): it is never bounced (no bounce
+loops) but kept in the quarantine without a notice.
 """
 
 import collections
@@ -74,6 +75,8 @@ def copy_of(record):
     new.last_error = record.last_error
     new.done = list(record.done)
     new.failed = list(record.failed)
+    new.held_since = record.held_since
+    new.held_seconds = record.held_seconds
     return new
 
 
@@ -105,7 +108,9 @@ def settle(record, recipients, targets, outcomes, arrival, now, retry, maxage,
     """(new state, Action) for the agent's outcomes of one attempt."""
     new, temporary = record_outcomes(record, targets, outcomes)
     if not new.finished(recipients) and temporary:
-        age = now - arrival
+        # the time on hold (smapd --hold) does not count: a released message
+        # gets what was left of its maxage when it was held
+        age = now - arrival - record.held_seconds
         if not math.isfinite(age):
             # the spool reader refuses such an arrival; a caller that did not
             # gets a message that gives up, not an exception

@@ -28,6 +28,9 @@ same pause and a log line, never a loop.
 
 It trusts the agent's answers only for the message ids and recipients it
 asked about.
+
+With `metrics-file`, it counts what it does (smapd.metrics) and writes
+the metrics at every scan, at most once a second.
 """
 
 import collections
@@ -66,7 +69,7 @@ class Flight:
 
 class Scanner:
     def __init__(self, base, config, log, channel, trigger_fd, reporting_mta,
-                 baddir, once=False):
+                 baddir, once=False, metrics=None):
         self.base = base
         self.log = log
         self.channel = channel
@@ -95,6 +98,8 @@ class Scanner:
         self.unsynced = []              # removed from queue/, removal not yet fsync'ed
         self.unsynced_since = 0.0
         self.troubles = {}              # name -> (failed handlings, not before) (see handle)
+        self.metrics = metrics          # smapd.metrics.Metrics, or None
+        self.seen = set()               # names counted as received (metrics)
 
     # -- signals -------------------------------------------------------------
     def on_term(self, signum, frame):
@@ -117,6 +122,7 @@ class Scanner:
             return self.loop(wake_read)
         finally:
             self.sync_removals()
+            self.write_metrics(force=True)
 
     def loop(self, wake_read):
         next_scan = 0.0
@@ -143,6 +149,8 @@ class Scanner:
                     self.sync_removals()
                 else:
                     timeout = min(timeout, SYNC_DELAY - waited)
+            if self.metrics is not None and self.metrics.wait() is not None:
+                timeout = min(timeout, self.metrics.wait())
             if self.rescan:
                 timeout = 0.0
             watched = [wake_read, self.channel] + ([self.trigger_fd] if self.trigger_fd is not None else [])
@@ -164,6 +172,7 @@ class Scanner:
                 # a slot is free: go on with the names of the last scan at once
                 # (re-listing queue/ for every settled delivery costs O(queue))
                 self.dispatch()
+            self.write_metrics()
         self.log.info("stop", inflight=len(self.inflight))
         return status
 
@@ -224,7 +233,13 @@ class Scanner:
         if self.troubles:       # forget failures of messages that are gone
             listed = set(self.todo)
             self.troubles = {n: t for n, t in self.troubles.items() if n in listed}
-        return self.dispatch(now)
+        if self.seen:
+            self.seen &= set(self.todo)
+        dispatched = self.dispatch(now)
+        if self.metrics is not None:
+            self.metrics.scanned()
+            self.write_metrics()
+        return dispatched
 
     def dispatch(self, now=None):
         """Hand over names of the last scan while a slot is free; returns how many.
@@ -353,6 +368,7 @@ class Scanner:
         if envelope["id"] != name:
             self.quarantine_path(name, "queue id in the file does not match its name")
             return False
+        self.note_arrival(name, envelope, length, record)
         data = os.pread(fd, length, offset)
         if len(data) != length:
             self.quarantine_path(name, "file shorter than its end marker says")
@@ -399,6 +415,7 @@ class Scanner:
             time.time(), self.retry, self.maxage, envelope["sender"],
             self.is_notice(flight), self.postmaster)
         flight.state = record       # the guard keeps it if what follows fails
+        self.note_outcomes(flight.targets, outcomes)
         if action.kind == decide.RETRY:
             state.save(self.base, name, record)
             self.log.notice("defer", id=name, attempts=record.attempts,
@@ -431,6 +448,7 @@ class Scanner:
             data = bounce.build_bounce(self.reporting_mta, flight.envelope, flight.header,
                                        action.failures, action.to)
             new_id = self.inject([action.to], data)
+            self.count("bounces")
             self.log.notice("bounce", id=name, bounce_id=new_id, to="<%s>" % action.to,
                             failed=",".join("<%s>" % r for r, _, _ in action.failures))
         os.unlink(os.path.join(self.base, spool.QUEUE, name))
@@ -471,6 +489,31 @@ class Scanner:
         self.rescan = True
         return new_id
 
+    # -- metrics (smapd.metrics) -------------------------------------------------
+    def count(self, key, amount=1):
+        if self.metrics is not None:
+            self.metrics.count(key, amount)
+
+    def note_arrival(self, name, envelope, length, record):
+        """Count a message smap accepted, the first time the scanner looks at it."""
+        if self.metrics is None or record.attempts or name in self.seen:
+            return
+        self.seen.add(name)
+        if not envelope["sender"] and envelope.get("helo") == "smapd" \
+                and envelope.get("client-name") == "localhost":
+            return      # a notice of our own (inject)
+        self.count("received_messages")
+        self.count("received_bytes", length)
+
+    def note_outcomes(self, targets, outcomes):
+        for target in targets:
+            kind = outcomes.get(target, ("temp", ""))[0]
+            self.count("deliveries_" + (kind if kind in ("ok", "perm") else "temp"))
+
+    def write_metrics(self, force=False):
+        if self.metrics is not None:
+            self.metrics.write(len(self.inflight), force)
+
     # -- quarantine --------------------------------------------------------------
     def quarantine_path(self, name, reason, envelope=None, tell=True, record=None):
         """Move queue/name to baddir with name.reason beside it; tell the postmaster.
@@ -504,6 +547,7 @@ class Scanner:
         spool.fsync_dir(self.baddir)
         spool.fsync_dir(os.path.join(self.base, spool.QUEUE))
         state.remove(self.base, name)
+        self.count("quarantined")
         self.log.warning("quarantine", id=name, reason=reason,
                          file=os.path.basename(target))
         if not tell:

@@ -2,7 +2,10 @@
 
 The file is a few `key value` text lines: attempts, next-try (epoch
 seconds), last-error, one `done RCPT` per recipient already delivered and
-one `failed RCPT<TAB>REASON` per recipient that failed for good.  It is
+one `failed RCPT<TAB>REASON` per recipient that failed for good; a message
+that was put on hold also has `held-since` (when, epoch seconds, while it
+is on hold) and `held-seconds` (the time it spent on hold before, which
+does not count towards `maxage`).  It is
 written to a temporary name, fsync'ed, renamed over state/ID and the
 directory fsync'ed, so a crash leaves either the old or the new state.
 Its content is trusted only as far as `load` checks it: a regular file
@@ -31,6 +34,8 @@ class State:
         self.last_error = ""
         self.done = []
         self.failed = []          # (recipient, reason)
+        self.held_since = 0.0     # when `smapd --hold` put it on hold (0: not held)
+        self.held_seconds = 0.0   # time spent on hold before: not counted towards maxage
 
     def finished(self, recipients):
         """Whether every recipient has been delivered or has failed for good."""
@@ -43,6 +48,10 @@ class State:
 
     def encode(self):
         lines = ["attempts %d" % self.attempts, "next-try %.3f" % self.next_try]
+        if self.held_since:
+            lines.append("held-since %.3f" % self.held_since)
+        if self.held_seconds:
+            lines.append("held-seconds %.3f" % self.held_seconds)
         if self.last_error:
             lines.append("last-error %s" % one_line(self.last_error))
         lines += ["done %s" % r for r in self.done]
@@ -97,6 +106,11 @@ def load(root, message_id):
                 if next_try is None or next_try > spool.MAX_TIME:
                     return State()
                 state.next_try = float(next_try)
+            elif key in ("held-since", "held-seconds"):
+                when = spool.decimal(value)
+                if when is None or when > spool.MAX_TIME:
+                    return State()
+                setattr(state, key.replace("-", "_"), float(when))
             elif key == "last-error":
                 state.last_error = value
             elif key == "done":
@@ -143,8 +157,14 @@ def remove(root, message_id):
 
 
 def sweep_orphans(root):
-    """Remove state files whose message is gone (a crash after the message's removal)."""
+    """Remove state files whose message is gone (a crash after the message's removal).
+
+    A message on hold keeps its state.  queue/ is listed before and after
+    hold/, so that a message `smapd --hold` or `--release` renames between
+    the listings is seen in one of them."""
     present = set(spool.queued(root))
+    present |= set(spool.held(root))
+    present |= set(spool.queued(root))
     removed = []
     try:
         names = os.listdir(os.path.join(root, spool.STATE))
