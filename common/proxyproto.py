@@ -313,13 +313,13 @@ class TaggedLog:
     stays in addr=); everything else is the wrapped log's."""
 
     def __init__(self, log, proxy):
-        self._log, self._proxy = log, proxy
+        self._log, self.proxy = log, proxy
 
     def __getattr__(self, name):
         return getattr(self._log, name)
 
     def _with(self, fields):
-        fields.setdefault("proxy", self._proxy)
+        fields.setdefault("proxy", self.proxy)
         return fields
 
     def event(self, priority, event, **fields):

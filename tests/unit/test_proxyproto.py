@@ -355,3 +355,31 @@ def test_tagged_log_adds_the_proxy_field():
     proxyproto.tagged(Recorder(), "127.0.0.2").info("connect", addr="10.0.0.1")
     assert lines == [("connect", {"addr": "10.0.0.1", "proxy": "127.0.0.2"})]
     assert proxyproto.tagged(lines, None) is lines
+
+
+# -- the table ------------------------------------------------------------------------
+def table(text, program="smap"):
+    from common import netperm
+    return netperm.parse(text, "table", program)
+
+
+def test_proxy_hosts_takes_addresses_cidr_and_address_globs():
+    for program in ("smap", "pop3-gw"):
+        config = table("%s: proxy-hosts 127.0.0.2 10.1.0.0/16 2001:db8::/32 192.0.2.* ::1\n"
+                       % program, program)
+        assert not config.errors
+        found = config.get("proxy-hosts")
+        assert hostmatch.list_matches(found, "10.1.2.3", None)
+        assert hostmatch.list_matches(found, "2001:db8::9", None)
+        assert not hostmatch.list_matches(found, "127.0.0.3", None)
+
+
+def test_proxy_hosts_refuses_names_and_star():
+    assert "name" in str(table("smap: proxy-hosts lb.example.com\n").errors[0])
+    assert "any client address" in str(table("smap: proxy-hosts *\n").errors[0])
+    assert table("smap: proxy-hosts 127.1\n").errors
+    assert table("smapd: proxy-hosts 127.0.0.1\n", "smapd").errors     # not smapd's
+
+
+def test_no_proxy_hosts_by_default():
+    assert table("").get("proxy-hosts") is None
