@@ -1091,7 +1091,9 @@ def fetchmail_apop(tmpdir, host: str, port: int, user: str, secret: str,
 class HAProxy(_Stoppable):
     """Debian's HAProxy in TCP mode with a private configuration: one
     frontend per entry of ``frontends``, ``{name: (bind host, [(host,
-    port), ...], "send-proxy" | "send-proxy-v2")}``, each balancing its
+    port), ...], "send-proxy" | "send-proxy-v2"[, extra server options])}``
+    (``"check inter 1s"``: health checks, which carry a v2 LOCAL or a v1
+    UNKNOWN header), each balancing its
     servers round robin, connecting to them from ``source`` (the address
     the servers see: their proxy-hosts).  ``.ports[name]`` is a frontend's
     port; ``.config`` the file, ``.output()`` its stdout (one tcplog line a
@@ -1107,7 +1109,7 @@ class HAProxy(_Stoppable):
                  "    mode tcp", "    log global", "    option tcplog",
                  "    timeout connect 5s", "    timeout client 120s",
                  "    timeout server 120s"]
-        for name, (bind, servers, send) in frontends.items():
+        for name, (bind, servers, send, *extra) in frontends.items():
             _check_loopback(bind)
             if send not in ("send-proxy", "send-proxy-v2"):
                 raise ValueError(send)
@@ -1117,7 +1119,8 @@ class HAProxy(_Stoppable):
                       "    balance roundrobin", f"    source {source}"]
             for number, (host, port) in enumerate(servers, 1):
                 _check_loopback(host)
-                lines.append(f"    server s{number} {host_port(host, port)} {send}")
+                lines.append(f"    server s{number} {host_port(host, port)} {send}"
+                             + "".join(f" {option}" for option in extra))
         self.config = self.root / "haproxy.cfg"
         self.config.write_text("\n".join(lines) + "\n")
         checked = _run([_bin("haproxy"), "-c", "-f", self.config], check=False)
@@ -1126,7 +1129,7 @@ class HAProxy(_Stoppable):
         self.proc = Proc([_bin("haproxy"), "-f", self.config, "-db"],
                          log=self.root / "haproxy.out")
         try:
-            for name, (bind, _, _) in frontends.items():
+            for name, (bind, *_) in frontends.items():
                 wait_for_listen(bind, self.ports[name])
         except Exception:
             out = self.proc.output()

@@ -101,9 +101,12 @@ def site():
         made.haproxy = made.keep(realpeers.HAProxy(root / "haproxy", {
             "smtp_v1": ("127.0.0.1", smtp, "send-proxy"),
             "smtp_v2": ("127.0.0.1", smtp, "send-proxy-v2"),
+            # health checks, as conf/haproxy.cfg has them: a v2 LOCAL header
+            "smtp_check": ("127.0.0.1", smtp, "send-proxy-v2", "check inter 1s"),
             "smtp_v6": ("::1", smtp, "send-proxy"),
             "pop_v1": ("127.0.0.1", pop, "send-proxy"),
             "pop_v2": ("127.0.0.1", pop, "send-proxy-v2"),
+            "pop_check": ("127.0.0.1", pop, "send-proxy", "check inter 1s"),
         }, source=LB))
     except BaseException:
         made.stop()
@@ -290,3 +293,20 @@ def test_pop3_proxy_host_without_a_header_is_refused(site):
     client.send(b"CAPA\r\n")
     assert client.line().startswith(b"-ERR [SYS/TEMP] PROXY protocol header expected")
     site.setups[1].log.wait_for(r"deny addr=%s proxy=%s reason=\"bad PROXY header" % (LB, LB))
+
+
+def test_health_checks_are_the_load_balancer_itself(site):
+    """HAProxy's checks carry a header too (v2 LOCAL, v1 UNKNOWN): the
+    session is the balancer's own, not refused as a missing header."""
+    site.smap_log.wait_for(r"connect host=\S+ addr=%s proxy=%s" % (LB, LB))
+    gateway_logs(site, r"connect host=\S+ addr=%s proxy=%s" % (LB, LB))
+    assert not [line for line in site.smap_log.lines() if "bad PROXY header" in line
+                and "connection closed" in line]
+
+
+def test_the_example_configuration_is_valid(site):
+    example = Path(__file__).resolve().parents[2] / "conf" / "haproxy.cfg"
+    checked = realpeers._run([realpeers._bin("haproxy"), "-c", "-f", example], check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    text = example.read_text()
+    assert "send-proxy-v2" in text and "source " in text
