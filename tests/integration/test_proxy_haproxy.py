@@ -92,7 +92,7 @@ def site():
         for number in (1, 2):
             setup = Setup(root / ("gw%d" % number), "127.0.0.1:%d" % made.dovecot.port,
                           rules=("deny-hosts %s" % DENIED, "permit-hosts 127.0.0.0/8"),
-                          extra=("pop3-gw: proxy-hosts %s" % LB,))
+                          extra=("pop3-gw: proxy-hosts %s" % LB, "pop3-gw: maxbad 2"))
             made.keep(setup.log)
             made.setups.append(setup)
             made.gateways.append(made.keep(Daemon(setup)))
@@ -310,3 +310,68 @@ def test_the_example_configuration_is_valid(site):
     assert checked.returncode == 0, checked.stdout + checked.stderr
     text = example.read_text()
     assert "send-proxy-v2" in text and "source " in text
+
+
+def direct_from_lb(port):
+    sock = socket.socket()
+    sock.bind((LB, 0))
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_the_header_is_not_early_talk_but_the_client_bytes_after_it_are(site):
+    """One write of a good header and an EHLO sent before the banner: the
+    header is taken, the EHLO is the client's talk before the greeting."""
+    sock = direct_from_lb(site.smaps[0].port)
+    sock.sendall(b"PROXY TCP4 127.0.0.44 127.0.0.1 40000 25\r\nEHLO early.example\r\n")
+    client = SmtpClient(sock)
+    assert client.reply().startswith(b"554 5.5.0 Protocol error: talked before the greeting")
+    client.close()
+    site.smap_log.wait_for(r"reject addr=127\.0\.0\.44 reason=\"talked before the banner\" "
+                           r"proxy=%s" % LB)
+    sock = direct_from_lb(site.smaps[0].port)
+    sock.sendall(b"PROXY TCP4 127.0.0.45 127.0.0.1 40000 25\r\n")
+    client = SmtpClient(sock)
+    assert client.reply().startswith(b"220 ")
+    assert client.command(b"QUIT\r\n").startswith(b"221")
+    client.close()
+
+
+def test_pop3_client_bytes_after_the_header_reach_the_session_unchanged(site):
+    sock = direct_from_lb(site.gateways[0].port)
+    sock.sendall(V2_FORGED.replace(socket.inet_aton(RELAY), socket.inet_aton("127.0.0.46"))
+                 + b"CAPA\r\n")
+    data = b""
+    while data.count(b"\r\n.\r\n") < 1:
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+    sock.close()
+    assert data.startswith(b"+OK mailwall pop3-gw ready <")
+    assert b"\r\n+OK Capability list follows\r\n" in data
+    site.setups[0].log.wait_for(r"connect host=\S+ addr=127\.0\.0\.46 proxy=%s" % LB)
+
+
+def login_claiming(site, source, secret):
+    """An APOP login to the second gateway, from the balancer's address,
+    with a v1 header naming `source` as the client."""
+    sock = direct_from_lb(site.gateways[1].port)
+    sock.sendall(b"PROXY TCP4 %s 127.0.0.1 40000 110\r\n" % source.encode())
+    client = Client.__new__(Client)
+    Client.opened.append(client)
+    client.sock, client.buffer = sock, b""
+    greeting = client.line()
+    reply = client.apop("alice", secret, greeting)
+    client.close()
+    return reply
+
+
+def test_pop3_bad_logins_count_for_the_client_behind_the_balancer_not_for_all(site):
+    """maxbad 2: the client named in the header is refused after its bad
+    logins, another client of the same balancer is not."""
+    for _ in range(2):
+        assert login_claiming(site, "127.0.0.50", "wrong").startswith(b"-ERR [AUTH]")
+    assert login_claiming(site, "127.0.0.50", "alicesecret").startswith(b"-ERR [AUTH]")
+    site.setups[1].log.wait_for(r"auth-fail .*addr=127\.0\.0\.50 .*source refused")
+    assert login_claiming(site, "127.0.0.51", "alicesecret").startswith(b"+OK")
