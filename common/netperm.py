@@ -130,7 +130,7 @@ def convert(param, args):
         if value < param.low or value > param.high:
             raise ValueError("%d is outside %d..%d" % (value, param.low, param.high))
         return value
-    if kind in ("words", "patterns", "command") and not args:
+    if kind in ("words", "patterns", "addresses", "command") and not args:
         raise ValueError("needs at least one argument")
     if kind == "words":
         return [w.lower() for w in args]
@@ -139,6 +139,8 @@ def convert(param, args):
             return [hostmatch.Pattern(w) for w in args]
         except hostmatch.PatternError as err:
             raise ValueError(str(err)) from None
+    if kind == "addresses":
+        return address_patterns(args)
     if kind == "command":
         if not args[0].startswith("/"):
             raise ValueError("the program must be an absolute path")
@@ -180,6 +182,23 @@ def convert(param, args):
             raise ValueError("%r has a character that is not allowed" % word)
         return word
     raise ValueError("unknown kind %s" % kind)
+
+
+def address_patterns(args):
+    """Host patterns that can match only an address (proxy-hosts): a host
+    there may claim any client address, so it is named by what the kernel
+    saw, never by what its DNS says, and never as `*`."""
+    try:
+        patterns = [hostmatch.Pattern(w) for w in args]
+    except hostmatch.PatternError as err:
+        raise ValueError(str(err)) from None
+    for pattern in patterns:
+        if pattern.glob == "*":
+            raise ValueError("%r would let any host claim any client address; "
+                             "name the load balancers' addresses" % pattern.text)
+        if pattern.glob is not None and not pattern.address_only:
+            raise ValueError("%r is a name: give the load balancers' addresses" % pattern.text)
+    return patterns
 
 
 def parse_hostport(text, default_port):

@@ -50,6 +50,7 @@ ALL = (SMAP, SMAPD, POP3GW, AUTHMGR)
 #   command  an absolute path and its fixed arguments
 #   rules    host rules (permit-hosts / deny-hosts), see common.hostmatch
 #   patterns one or more host patterns
+#   addresses one or more host patterns that match addresses only (no names, not `*`)
 #   bool     yes/no, on/off, true/false
 #   facility a syslog facility name
 _DECLARED = [
@@ -79,6 +80,10 @@ _DECLARED = [
           "host rule: who may connect (smap: everyone when no rule is given)"),
     Param("deny-hosts", (SMAP, POP3GW), "rules", None, None, None,
           "host rule: who may not connect"),
+    # issue 16: the load balancers in front of a --daemon (never in inetd mode)
+    Param("proxy-hosts", (SMAP, POP3GW), "addresses", None, None, None,
+          "load balancers (addresses, CIDR) that must send a PROXY v1/v2 header in "
+          "--daemon mode; none: no header accepted"),
     Param("accept-domains", (SMAP, SMAPD), "words", None, None, None,
           "the site's own mail domains, subdomains included"),
     Param("permit-relay", (SMAP,), "patterns", None, None, None,

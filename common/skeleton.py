@@ -102,6 +102,11 @@ def listen(host, port, backlog=128, name=None):
         raise cli.StartupError("%s: %s" % (name or host, err.strerror or err)) from None
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # `[::]:PORT` is dual stack whatever net.ipv6.bindv6only says; an
+            # IPv4 client then arrives as ::ffff:a.b.c.d, which
+            # hostmatch.normalize_address makes the IPv4 address it is
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         listener.bind((host, port))
         listener.listen(backlog)
     except OSError as err:

@@ -34,7 +34,7 @@ import socket
 import time
 import urllib.parse
 
-from common import apop, fsguard, hostmatch, lineio, privs, skeleton
+from common import apop, fsguard, hostmatch, lineio, privs, proxyproto, skeleton
 from pop3gw import authority, logins, relay, session, upstream
 
 MAX_ADDRESSES = authority.MAX_ADDRESSES
@@ -80,12 +80,24 @@ def connection(context):
     return SessionPair(context).run(peer, started)
 
 
-def admit(context):
+def admit(context, daemon=False):
     """The client's Peer when the source-host rules let it in; else None,
-    after answering and closing (the client is on fd 0/1)."""
+    after answering and closing (the client is on fd 0/1).  In the daemon
+    (`daemon`: the standby's root monitor) a connection from proxy-hosts
+    gives its client by its PROXY header (behind_proxy); then
+    context.logger says proxy=LB on every line of this session."""
     config, logger = context.config, context.logger
     sock = skeleton.peer_of_fd(0)
-    peer = hostmatch.peer_of_socket(sock) if sock is not None else hostmatch.Peer()
+    peer, proxy = behind_proxy(context, sock) if daemon else (None, None)
+    if peer is False:
+        sock.close()
+        send(b"-ERR [SYS/TEMP] PROXY protocol header expected\r\n")
+        linger_close()
+        return None
+    if proxy is not None:
+        context.logger = logger = proxyproto.tagged(logger, proxy)
+    if peer is None:
+        peer = hostmatch.peer_of_socket(sock) if sock is not None else hostmatch.Peer()
     if sock is not None:
         sock.close()
     skeleton.set_title("pop3-gw: %s" % peer.addr_text)
@@ -100,6 +112,27 @@ def admit(context):
         linger_close()
         return None
     return peer
+
+
+def behind_proxy(context, sock):
+    """(Peer, LB) from the PROXY header of a connection from proxy-hosts,
+    (None, None) for any other (its own client: a header it sends reaches
+    the jailed child as a command and is refused there), (False, LB) for a
+    listed host without a good header (logged).  The root monitor reads it:
+    the header's bytes are the load balancer's, not the client's (a host
+    not in proxy-hosts is never read here), the read is bounded
+    (proxyproto.LIMIT octets, HEADER_WAIT seconds) and the parser pure; and
+    the address is what the monitor's host rules, penalties and signer
+    judge, so it must not come from the jailed child."""
+    patterns = context.config.get("proxy-hosts")
+    if not patterns or sock is None:
+        return None, None
+    try:
+        return proxyproto.peer_behind(sock, patterns)
+    except proxyproto.ProxyError as err:
+        context.logger.notice("deny", addr=err.proxy, proxy=err.proxy,
+                              reason="bad PROXY header from a proxy-hosts host: %s" % err.reason)
+        return False, err.proxy
 
 
 def standby(context, control):
@@ -120,8 +153,9 @@ def standby(context, control):
     os.dup2(fds[0], 1)
     for fd in fds:
         os.close(fd)
-    # From here exactly the inetd path, with the pair already made.
-    peer = admit(context)
+    # From here exactly the inetd path, with the pair already made (and
+    # the PROXY header of a load balancer read first).
+    peer = admit(context, daemon=True)
     if peer is None:
         pair.cancel()
         return 0
@@ -177,9 +211,10 @@ class SessionPair:
             send(b"-ERR [SYS/TEMP] gateway misconfigured, try again later\r\n")
             return 1
         timestamp = apop.make_timestamp(self.settings.hostname)
-        go = "go %s %s %s %d %.6f\n" % (timestamp, peer.addr or "-",
-                                        urllib.parse.quote(peer.name or "-", safe=""),
-                                        peer.spoofed, started)
+        proxy = getattr(logger, "proxy", None) or "-"     # set by admit: a TaggedLog
+        go = "go %s %s %s %d %.6f %s\n" % (timestamp, peer.addr or "-",
+                                           urllib.parse.quote(peer.name or "-", safe=""),
+                                           peer.spoofed, started, proxy)
         try:
             socket.send_fds(self.link, [go.encode("ascii")], [0])
         except OSError:
@@ -364,14 +399,16 @@ def jailed_child(config, logger, settings, link_socket):
             break
         data += chunk
     words = data.decode("ascii", "replace").split()
-    if len(fds) != 1 or len(words) != 6 or words[0] != "go":
+    if len(fds) != 1 or len(words) != 7 or words[0] != "go":
         for fd in fds:
             os.close(fd)
         return 0
     os.dup2(fds[0], 0)
     os.dup2(fds[0], 1)
     os.close(fds[0])
-    _, timestamp, addr, name, spoofed, started = words
+    _, timestamp, addr, name, spoofed, started, proxy = words
+    if proxy != "-":
+        logger = proxyproto.tagged(logger, proxy)
     name = urllib.parse.unquote(name)
     peer = hostmatch.Peer(None if addr == "-" else addr, None if name == "-" else name,
                           spoofed == "1")

@@ -41,6 +41,7 @@ _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed\r\n"
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"     # common.proxyproto.SIGNATURE
 
 
 class Settings:
@@ -152,6 +153,9 @@ class Session:
         return b""
 
     def feed(self, data):
+        if data.startswith(PROXY_V2_SIGNATURE) and not self.splitter.pending() \
+                and self.state == AUTHORIZATION and not self.errors:
+            return self.proxy_header()
         self.splitter.feed(data)
         replies = []
         while self.state == AUTHORIZATION:
@@ -182,10 +186,20 @@ class Session:
         self.log.info("bad-command", addr=self.peer.addr_text, reason=reason)
         return reply
 
+    def proxy_header(self):
+        """A PROXY protocol header from a host that may not send one (not in
+        proxy-hosts, or inetd mode): refused, never read."""
+        self.log.notice("refuse", addr=self.peer.addr_text,
+                        reason="PROXY protocol header from a host not in proxy-hosts "
+                               "(or in inetd mode)")
+        return self.close(b"-ERR PROXY protocol header not accepted from this host\r\n")
+
     def command(self, line):
         if any(byte < 32 or byte > 126 for byte in line):
             return self.error(b"-ERR command has bad characters\r\n", "bad characters")
         verb, _, argument = line.partition(b" ")
+        if verb == b"PROXY" and self.pending_user is None:
+            return self.proxy_header()
         handler = self.commands.get(verb.upper())
         if handler is None:
             return self.error(b"-ERR unknown command; log in with APOP first\r\n",

@@ -68,7 +68,14 @@ def connection(config, logger, worker=None):
     channel = lineio.Channel(0, 1)
     sock = skeleton.peer_of_fd(0)
     confirm = worker.lookup.confirmed_name if worker else None
-    peer = hostmatch.peer_of_socket(sock, confirm) if sock is not None else hostmatch.Peer()
+    peer, proxy = behind_proxy(config, sock, confirm, logger) if worker else (None, None)
+    if peer is False:
+        sock.close()
+        channel.discard_pending()
+        return 0
+    logger = proxyproto_tagged(logger, proxy)
+    if peer is None:
+        peer = hostmatch.peer_of_socket(sock, confirm) if sock is not None else hostmatch.Peer()
     if sock is not None:
         sock.close()            # a dup of fd 0: closing it leaves fd 0 alone
     skeleton.set_title("smap: %s" % peer.addr_text)
@@ -105,7 +112,7 @@ def connection(config, logger, worker=None):
     timeout = config.get("timeout")
     try:
         if channel.readable_now():
-            channel.write(smtp.pregreet())
+            channel.write(smtp.pregreet(pregreet_reason()))
         else:
             channel.write(smtp.greeting())
         # `timeout` bounds a whole command or DATA line, not each read.
@@ -130,6 +137,53 @@ def connection(config, logger, worker=None):
                 messages=smtp.messages, bytes_in=channel.bytes_in,
                 bytes_out=channel.bytes_out, duration="%.3f" % (time.monotonic() - started))
     return 0
+
+
+def behind_proxy(config, sock, confirm, logger):
+    """--daemon only (issue 16): (client Peer, load balancer address) when
+    the connection comes from an address in proxy-hosts and its PROXY
+    header is good; (None, None) for any other connection (it is its own
+    client, and a header it sends is talk before the banner); (False, LB)
+    when a listed host sent no good header: refused (421) and logged."""
+    patterns = config.get("proxy-hosts")
+    if not patterns or sock is None:
+        return None, None
+    from common import proxyproto   # imported by main() before the workers fork
+    try:
+        return proxyproto.peer_behind(sock, patterns, confirm)
+    except proxyproto.ProxyError as err:
+        logger.notice("reject", addr=err.proxy, proxy=err.proxy,
+                      reason="bad PROXY header from a proxy-hosts host: %s" % err.reason)
+        hostname = config.get("hostname") or default_hostname()
+        write_quietly(1, b"421 4.7.0 %s Error: PROXY protocol header expected\r\n"
+                      % hostname.encode())
+        return False, err.proxy
+
+
+def proxyproto_tagged(logger, proxy):
+    """The log, with proxy=LB on every line when there is a load balancer."""
+    if proxy is None:
+        return logger
+    from common import proxyproto
+    return proxyproto.tagged(logger, proxy)
+
+
+def pregreet_reason():
+    """Why the talk before the banner is refused: a PROXY header from a host
+    that may not send one (not in proxy-hosts, or inetd mode) is named."""
+    sock = skeleton.peer_of_fd(0)
+    if sock is None:
+        return None
+    try:
+        import _socket as flags
+        early = sock.recv(16, flags.MSG_PEEK | flags.MSG_DONTWAIT)
+    except OSError:
+        early = b""
+    finally:
+        sock.close()
+    if early.startswith(b"PROXY ") or early.startswith(b"\r\n\r\n\x00\r\nQUIT\n"):
+        return "PROXY protocol header from a host not in proxy-hosts (or in inetd mode)"
+    return None
 
 
 def jail(config, before_chroot=None):
@@ -252,7 +306,7 @@ def main(argv=None):
         os._exit(status)
     default_hostname()          # once, not in every child
     # --daemon only (inetd mode must not pay for them), and before the workers fork
-    from common import lookup, workers  # noqa: F401  (lookup: for the workers)
+    from common import lookup, proxyproto, workers  # noqa: F401  (lookup, proxyproto: for the workers)
     listener = skeleton.listen(host, port, name="--daemon %s" % options.daemon)
     if not options.foreground:
         skeleton.daemonize(keep_fds=[listener.fileno()] + ([logger.sock.fileno()] if logger.sock else []),

@@ -33,6 +33,9 @@ from smap import policy
 COMMAND_LIMIT = 512
 TEXT_LIMIT = 1000
 MAX_ERRORS = 10
+# HAProxy's PROXY protocol v2 signature (common.proxyproto.SIGNATURE; not
+# imported: inetd mode must not pay for that module)
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 class State:
@@ -147,10 +150,19 @@ class Session:
         self.enter(State.CONNECTED)
         return b"220 %s ESMTP mailwall smap\r\n" % self.settings.hostname.encode()
 
-    def pregreet(self):
+    def pregreet(self, reason=None):
         """The client talked before the banner: refuse, spool nothing."""
-        self.log.notice("reject", addr=self.peer.addr_text, reason="talked before the banner")
+        self.log.notice("reject", addr=self.peer.addr_text,
+                        reason=reason or "talked before the banner")
         return self.close(b"554 5.5.0 Protocol error: talked before the greeting\r\n")
+
+    def proxy_header(self):
+        """A PROXY protocol header after the banner: a host that may not send
+        one (not in proxy-hosts, or inetd mode) sent it; refused, never read."""
+        self.log.notice("reject", addr=self.peer.addr_text,
+                        reason="PROXY protocol header from a host not in proxy-hosts "
+                               "(or in inetd mode)")
+        return self.close(b"554 5.7.1 Error: PROXY protocol header not accepted from this host\r\n")
 
     def timeout(self):
         self.log.notice("timeout", id=self.envelope.id, addr=self.peer.addr_text,
@@ -171,6 +183,9 @@ class Session:
             return b""
         if self.state == State.GREETING:
             return self.pregreet()
+        if self.helo is None and self.state == State.CONNECTED and \
+                data[:12] == PROXY_V2_SIGNATURE and not self.splitter.pending():
+            return self.proxy_header()
         splitter = self.splitter
         splitter.feed(data)
         replies = []
@@ -252,6 +267,8 @@ class Session:
             return self.error(b"500 5.5.2 Error: 8-bit characters in command\r\n",
                               "8-bit command")
         verb, _, argument = text.partition(" ")
+        if verb == "PROXY" and self.state == State.CONNECTED:
+            return self.proxy_header()
         command = COMMANDS.get(verb.upper())
         if command is None:
             return self.error(b"500 5.5.2 Error: command not recognized\r\n",
@@ -369,8 +386,10 @@ class Session:
     def received_header(self):
         when = time.strftime("%a, %d %b %Y %H:%M:%S %z", time.localtime(self.clock()))
         peer, envelope = self.peer, self.envelope
+        # RFC 5321 §4.1.3: an IPv6 address literal is written [IPv6:...]
+        literal = ("IPv6:" if ":" in peer.addr_text else "") + peer.addr_text
         header = ("Received: from %s (%s [%s])\r\n\tby %s (mailwall smap) with %s id %s"
-                  % (self.helo, peer.name_text, peer.addr_text, self.settings.hostname,
+                  % (self.helo, peer.name_text, literal, self.settings.hostname,
                      "ESMTP" if self.esmtp else "SMTP", envelope.id))
         if len(envelope.recipients) == 1:
             header += "\r\n\tfor <%s>" % envelope.recipients[0]

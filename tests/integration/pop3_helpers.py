@@ -120,7 +120,7 @@ class Daemon:
         self.port = port or realpeers.free_port(host)
         self.pidfile = setup.root / "pop3-gw.pid"
         self.proc = realpeers.Proc(
-            POP3GW + ["-c", str(setup.table), "--daemon", "%s:%d" % (host, self.port), "-F",
+            POP3GW + ["-c", str(setup.table), "--daemon", realpeers.host_port(host, self.port), "-F",
                       "--pidfile", str(self.pidfile)],
             log=setup.root / "pop3-gw.out", cwd=str(ROOT))
         try:

@@ -112,14 +112,20 @@ def _bin(name: str) -> str:
 def free_port(host: str = LOOPBACK) -> int:
     """An unused TCP port on host (the kernel picks it: bind to port 0)."""
     _check_loopback(host)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def _check_loopback(host: str) -> None:
-    if not host.startswith("127."):
-        raise ValueError(f"only 127.0.0.0/8 is allowed here, not {host!r}")
+    if not host.startswith("127.") and host != "::1":
+        raise ValueError(f"only 127.0.0.0/8 and ::1 are allowed here, not {host!r}")
+
+
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT, or [V6]:PORT."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10) -> None:
@@ -140,9 +146,28 @@ def listening(host: str, port: int) -> bool:
     """True if a TCP socket is in LISTEN state on host:port (or on
     0.0.0.0:port), from /proc/net/tcp: unlike a test connection this does
     not start a session (and a log line) in the server."""
+    if ":" in host:
+        return _listening6(host, port)
     want = {socket.inet_aton(host)[::-1].hex().upper(), "00000000"}
     with contextlib.suppress(OSError):
         with open("/proc/net/tcp") as fh:
+            next(fh)
+            for line in fh:
+                f = line.split()
+                addr, _, p = f[1].partition(":")
+                if f[3] == "0A" and int(p, 16) == port and addr in want:
+                    return True
+    return False
+
+
+def _listening6(host: str, port: int) -> bool:
+    """listening() for an IPv6 address, from /proc/net/tcp6 (each 32-bit
+    word of the address in host byte order)."""
+    packed = socket.inet_pton(socket.AF_INET6, host)
+    text = "".join(packed[i:i + 4][::-1].hex().upper() for i in range(0, 16, 4))
+    want = {text, "0" * 32}
+    with contextlib.suppress(OSError):
+        with open("/proc/net/tcp6") as fh:
             next(fh)
             for line in fh:
                 f = line.split()
@@ -521,7 +546,7 @@ class SmtpSink(_Stoppable):
         if os.geteuid() == 0:
             argv += ["-u", user]
         argv += [*extra_args, "-d", f"{self.dir}/%Y%m%d%H%M%S.",
-                 f"{self.host}:{self.port}", "100"]
+                 host_port(self.host, self.port), "100"]
         self.proc = Proc(argv, log=self.root / "smtp-sink.out")
         try:
             wait_for_listen(self.host, self.port)
@@ -1057,3 +1082,62 @@ def fetchmail_apop(tmpdir, host: str, port: int, user: str, secret: str,
                            stderr=subprocess.STDOUT, env=env, timeout=timeout)
     msgs = [p.read_bytes() for p in sorted(out.iterdir())]
     return r.returncode, msgs
+
+
+# --------------------------------------------------------------------------
+# HAProxy (issue 16: the PROXY protocol)
+# --------------------------------------------------------------------------
+
+class HAProxy(_Stoppable):
+    """Debian's HAProxy in TCP mode with a private configuration: one
+    frontend per entry of ``frontends``, ``{name: (bind host, [(host,
+    port), ...], "send-proxy" | "send-proxy-v2"[, extra server options])}``
+    (``"check inter 1s"``: health checks, which carry a v2 LOCAL or a v1
+    UNKNOWN header), each balancing its
+    servers round robin, connecting to them from ``source`` (the address
+    the servers see: their proxy-hosts).  ``.ports[name]`` is a frontend's
+    port; ``.config`` the file, ``.output()`` its stdout (one tcplog line a
+    connection).  Checked with ``haproxy -c`` before it starts; started in
+    the foreground (``-db``) and stopped by pid."""
+
+    def __init__(self, tmpdir, frontends: dict, source: str = "127.0.0.8"):
+        require("haproxy")
+        _check_loopback(source)
+        self.root = _mkdir(Path(tmpdir))
+        self.ports = {}
+        lines = ["global", "    log stdout format raw local0 info", "defaults",
+                 "    mode tcp", "    log global", "    option tcplog",
+                 "    timeout connect 5s", "    timeout client 120s",
+                 "    timeout server 120s"]
+        for name, (bind, servers, send, *extra) in frontends.items():
+            _check_loopback(bind)
+            if send not in ("send-proxy", "send-proxy-v2"):
+                raise ValueError(send)
+            self.ports[name] = free_port(bind)
+            lines += [f"frontend {name}", f"    bind {host_port(bind, self.ports[name])}",
+                      f"    default_backend be_{name}", f"backend be_{name}",
+                      "    balance roundrobin", f"    source {source}"]
+            for number, (host, port) in enumerate(servers, 1):
+                _check_loopback(host)
+                lines.append(f"    server s{number} {host_port(host, port)} {send}"
+                             + "".join(f" {option}" for option in extra))
+        self.config = self.root / "haproxy.cfg"
+        self.config.write_text("\n".join(lines) + "\n")
+        checked = _run([_bin("haproxy"), "-c", "-f", self.config], check=False)
+        if checked.returncode != 0:
+            raise RuntimeError(f"haproxy -c: {checked.stdout!r} {checked.stderr!r}")
+        self.proc = Proc([_bin("haproxy"), "-f", self.config, "-db"],
+                         log=self.root / "haproxy.out")
+        try:
+            for name, (bind, *_) in frontends.items():
+                wait_for_listen(bind, self.ports[name])
+        except Exception:
+            out = self.proc.output()
+            self.stop()
+            raise RuntimeError(f"haproxy did not start: {out}")
+
+    def output(self) -> str:
+        return self.proc.output()
+
+    def stop(self) -> None:
+        self.proc.stop()
