@@ -6,7 +6,7 @@ in the spool (common.verifycache):
 
     cached "ok"           -> accept
     cached "reject"       -> 550 5.1.1 with the hub's own reply text,
-                             log reason="recipient verification" reply="..."
+                             log reason="recipient verification" hub_reply="..."
     cached "unavailable"  -> verify-fallback: defer (450 4.1.1) or accept
     nothing (or damage)   -> ask the prober (one datagram to /.verify: the
                              address) and wait up to verify-wait for its
@@ -46,7 +46,7 @@ FALLBACK_DEFER, FALLBACK_ACCEPT = "defer", "accept"
 
 
 class VerifyVerdict(policy.Verdict):
-    """A Verdict with extra fields for its log line (reply="...")."""
+    """A Verdict with extra fields for its log line (hub_reply="...")."""
 
     __slots__ = ("fields",)
 
@@ -111,7 +111,7 @@ class Verifier:
                 text = unknown_text(path)
             return VerifyVerdict(policy.REJECT, 550, "5.1.1", text,
                                  reason="recipient verification",
-                                 fields={"to": "<%s>" % path, "reply": record.reply})
+                                 fields={"to": "<%s>" % path, "hub_reply": record.reply})
         return self.unavailable(session, envelope, path, record.reply)
 
     def unavailable(self, session, envelope, path, why):
@@ -124,7 +124,7 @@ class Verifier:
                              "<%s>: Recipient address rejected: unverified address: "
                              "mail hub unavailable, try again later" % path,
                              reason="recipient verification unavailable",
-                             fields={"to": "<%s>" % path, "reply": why})
+                             fields={"to": "<%s>" % path, "hub_reply": why})
 
     # -- the prober --------------------------------------------------------
     def ask(self, root, path):
