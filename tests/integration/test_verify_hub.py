@@ -55,6 +55,18 @@ def start_smapd(tmp_path, table_path, directory, name="smapd.out"):
     return daemon
 
 
+def check_prober_process(smapd):
+    """The prober runs as uucp (no groups), outside the chroot, titled."""
+    [pid] = [p for p in smapd.children() if helpers.title_of(p) == "smapd: prober"]
+    uid, gid = helpers.uucp_ids()
+    assert helpers.proc_status(pid, "Uid") == [str(uid)] * 4
+    assert helpers.proc_status(pid, "Gid") == [str(gid)] * 4
+    assert helpers.proc_status(pid, "Groups") in ([], [str(gid)])
+    assert os.readlink("/proc/%d/root" % pid) == "/"
+    socket_file = os.stat(smapd.directory / cache.SOCKET)
+    assert (socket_file.st_uid, socket_file.st_mode & 0o777) == (uid, 0o700)
+
+
 def cached(directory, address):
     record, _ = cache.read(str(directory), cache.key_of(address), time.time(), TTLS)
     return record
@@ -83,7 +95,8 @@ def test_first_rcpt_450_then_the_hubs_550_or_250(tmp_path, rsyslog, smtp_sink, h
     directory = helpers.make_spool(tmp_path / "spool")
     recorder = helpers.recorder_dir(tmp_path / "mta")
     table_path = table(tmp_path, directory, recorder, rsyslog, hub.port, "smap: verify-wait 0")
-    with start_smapd(tmp_path, table_path, directory):
+    with start_smapd(tmp_path, table_path, directory) as smapd:
+        check_prober_process(smapd)
         with InetdSmap(table_path) as smap:
             first = transaction(smap.client, b"nobody@example.org", b"John@example.org")
             assert first == [
