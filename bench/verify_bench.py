@@ -12,7 +12,8 @@ the limit).
 
 - RCPT latency: one connection each, EHLO, MAIL, then 50 RCPTs timed one
   by one (mean per RCPT): no check at all, against a cached "exists"
-  (addresses probed in a warm-up), same run (target: within 1 ms).
+  (addresses probed in a warm-up), same run (target: within 1 ms); and
+  Verifier.check of a cached answer alone, in-process (what it adds).
 - the probe path: 20 RCPTs for addresses that are not cached (fresh ones
   each repetition): smap -> the prober's socket -> a probe of the real
   Postfix -> the cache -> smap's answer, mean per RCPT.
@@ -289,12 +290,39 @@ def measurements(env, smoke):
             return mixed["last"][index]
         return measure
 
+    def in_process():
+        """Verifier.check on a cached "exists", in this process (µs per call):
+        the part of an RCPT that verification adds, without the network."""
+        import tempfile
+        from common import verifycache
+        from smap import verify
+        with tempfile.TemporaryDirectory() as root:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            store = verifycache.Store(fd)
+            now = int(time.time())
+            store.write("john@example.org", verifycache.Record(verifycache.OK, now, now + 3600))
+            store.close()
+            os.close(fd)
+            session = type("Session", (), {"spool_root": root})()
+            verifier = verify.Verifier(wait=0)
+            calls = 1000 if smoke else 20000
+            started = time.perf_counter()
+            for _ in range(calls):
+                verdict = verifier.check(session, None, "john@example.org")
+            elapsed = time.perf_counter() - started
+            verifier.close()
+            if verdict is not verify.policy.ACCEPTED:
+                raise RuntimeError("not accepted: %r" % verdict)
+            return elapsed * 1e6 / calls
+
     none = "smap --daemon, no check"
     mixed_name = "mixed run: %d messages, 30%% to unknown users, a connection each" % messages
     return [
         Measurement("verify", "RCPT latency, mean of %d in one connection" % RCPTS, "ms", False,
                     [Variant(none, no_check), Variant("smap --daemon, verify: cached answer",
                                                       cached)], baseline=none),
+        Measurement("verify", "Verifier.check of a cached answer, in-process", "µs", False,
+                    [Variant("smap.verify", in_process)]),
         Measurement("verify", "RCPT latency of an uncached address (probe via smapd's prober "
                     "to Postfix), mean of %d" % probes, "ms", False,
                     [Variant("smap --daemon, verify: probe path", probe_path)]),
