@@ -85,9 +85,9 @@ class Verifier:
             if record.due(self.clock()):
                 self.ask(root, path)        # still good: used now, refreshed meanwhile
             return self.verdict(session, envelope, path, record)
-        if not self.ask(root, path):
-            return self.unavailable(session, envelope, path,
-                                    "no prober: smapd is not running with verify-recipients")
+        problem = self.ask(root, path)
+        if problem:
+            return self.unavailable(session, envelope, path, problem)
         deadline = self.monotonic() + self.wait
         while True:
             remaining = deadline - self.monotonic()
@@ -128,7 +128,7 @@ class Verifier:
 
     # -- the prober --------------------------------------------------------
     def ask(self, root, path):
-        """Send the address to the prober; False when there is none to ask."""
+        """Send the address to the prober; None when sent, else why not."""
         try:
             if self.sock is None:
                 sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
@@ -140,9 +140,11 @@ class Verifier:
                 self.sock = sock
             self.drain()
             self.sock.sendto(path.encode("ascii"), root.rstrip("/") + "/" + verifycache.SOCKET)
-            return True
+            return None
+        except BlockingIOError:
+            return "the prober is busy (its queue is full)"
         except OSError:
-            return False
+            return "no prober: smapd is not running with verify-recipients"
 
     def drain(self):
         """Forget wake-ups of earlier questions."""

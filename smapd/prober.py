@@ -59,6 +59,7 @@ MAX_REPLY_LINE = 1000
 MAX_REPLY_LINES = 50
 HUB_PAUSE = 10              # seconds without a connection after the hub was unreachable
 SWEEP_INTERVAL = 600
+OVERDUE_GRACE = 5           # seconds past deliver-timeout before a probe is given up
 
 
 class Settings:
@@ -244,7 +245,8 @@ class Prober:
         self.probe_function = probe_function
         self.waiters = {}                   # key -> [socket addresses]
         self.queued = collections.OrderedDict()   # key -> address as asked
-        self.inflight = {}                  # key -> (address, started)
+        self.inflight = {}                  # key -> (address, started, probe number)
+        self.probes = 0                     # probes started, numbering them
         self.starts = collections.deque()   # monotonic times of the last `rate` starts
         self.results = queue.SimpleQueue()
         self.hub_down_until = 0.0
@@ -311,17 +313,18 @@ class Prober:
             self.starts.append(now)
             while len(self.starts) > self.settings.rate:
                 self.starts.popleft()
-            self.inflight[key] = (recipient, now)
-            self.launch(key, recipient)
+            self.probes += 1
+            self.inflight[key] = (recipient, now, self.probes)
+            self.launch(key, recipient, self.probes)
 
-    def launch(self, key, recipient):
+    def launch(self, key, recipient, number=0):
         def run():
             try:
                 kind, text = self.probe_function(self.settings.hub, self.settings.helo,
                                                  recipient, self.settings.timeout)
             except Exception as err:        # a bug must not leave the address in flight
                 kind, text = verifycache.UNAVAILABLE, "probe failed: %s" % type(err).__name__
-            self.results.put((key, kind, text))
+            self.results.put((key, number, kind, text))
             try:
                 os.write(self.wake_write, b".")
             except OSError:
@@ -337,15 +340,32 @@ class Prober:
             pass
         while True:
             try:
-                key, kind, text = self.results.get_nowait()
+                key, number, kind, text = self.results.get_nowait()
             except queue.Empty:
                 return
-            recipient, started = self.inflight.pop(key, (key, self.monotonic()))
+            flight = self.inflight.get(key)
+            if flight is None or flight[2] != number:
+                continue        # given up on by overdue(): its answer came too late
+            recipient, started, _ = self.inflight.pop(key)
             if kind == verifycache.UNAVAILABLE and ("unreachable" in text or "timed out" in text):
                 self.hub_down_until = self.monotonic() + HUB_PAUSE
             self.log.info("probe", to="<%s>" % recipient, result=kind, reply=text,
                           duration="%.3f" % (self.monotonic() - started))
             self.settle(key, recipient, kind, text)
+
+    def overdue(self):
+        """Give up on probes past deliver-timeout and a grace (a name lookup
+        that hangs is not cut by the socket's timeout): unavailable."""
+        now = self.monotonic()
+        limit = self.settings.timeout + OVERDUE_GRACE
+        for key, (recipient, started, _) in list(self.inflight.items()):
+            if now - started > limit:
+                del self.inflight[key]
+                self.log.info("probe", to="<%s>" % recipient, result=verifycache.UNAVAILABLE,
+                              reply="probe overran deliver-timeout: given up",
+                              duration="%.3f" % (now - started))
+                self.settle(key, recipient, verifycache.UNAVAILABLE,
+                            "probe overran deliver-timeout: given up")
 
     def settle(self, key, recipient, kind, text, extra=()):
         """Write the answer to the cache and wake whoever asked."""
@@ -400,9 +420,12 @@ class Prober:
         self.sock.setblocking(False)
         while True:
             self.sweep()
+            self.overdue()
             self.start_probes()
             wait = self.next_start()
             timeout = SWEEP_INTERVAL if wait is None else max(0.005, wait)
+            if self.inflight:
+                timeout = min(timeout, 1.0)     # overdue() looks every second
             try:
                 ready, _, _ = select.select([self.sock, self.wake_read, stop_fd], [], [],
                                             min(timeout, 60.0))

@@ -41,7 +41,7 @@ def machine(tmp_path):
     log = RecordingLog()
     machine = prober.Prober(settings, store, log, FakeSocket(), clock=lambda: NOW,
                             monotonic=monotonic)
-    machine.launch = lambda key, recipient: launched.append(recipient)
+    machine.launch = lambda key, recipient, number=0: launched.append(recipient)
     machine.test = (launched, monotonic, log, tmp_path)
     yield machine
     store.close()
@@ -51,7 +51,7 @@ def machine(tmp_path):
 
 
 def complete(machine, key, kind, text):
-    machine.results.put((key, kind, text))
+    machine.results.put((key, machine.inflight[key][2], kind, text))
     machine.finish()
 
 
@@ -190,3 +190,19 @@ def test_a_probe_that_raises_is_unavailable_not_stuck(machine):
         time.sleep(0.01)
     assert machine.inflight == {}
     assert [f["result"] for _, e, f in machine.test[2].events if e == "probe"] == ["unavailable"]
+
+
+def test_a_probe_past_deliver_timeout_is_given_up_and_its_late_answer_ignored(machine):
+    launched, monotonic, log, root = machine.test
+    machine.request(b"slow@example.org", b"\0a")
+    machine.start_probes()
+    number = machine.inflight["slow@example.org"][2]
+    monotonic.now += machine.settings.timeout + prober.OVERDUE_GRACE + 0.1
+    machine.overdue()
+    assert machine.inflight == {} and (b".", b"\0a") in machine.sock.sent
+    record, _ = cache.read(str(root), "slow@example.org", NOW, machine.settings.ttls)
+    assert record.kind == cache.UNAVAILABLE and "overran" in record.reply
+    machine.results.put(("slow@example.org", number, cache.OK, "250 late"))
+    machine.finish()        # too late: not written
+    record, _ = cache.read(str(root), "slow@example.org", NOW, machine.settings.ttls)
+    assert record.kind == cache.UNAVAILABLE
