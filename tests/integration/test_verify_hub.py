@@ -227,3 +227,49 @@ def test_mixed_run_known_delivered_unknown_refused_no_bounce(tmp_path, rsyslog, 
     assert log.count("probe to=") == 40
     assert not [d for d in dumps if d.mail_from == ""]          # no bounce reached the hub
     assert os.listdir(directory / spool.QUEUE) == []
+
+
+def test_a_retrying_postfix_sender_bounces_to_its_own_user_and_mailwall_sends_none(
+        tmp_path, rsyslog, smtp_sink, hub):
+    """A real Postfix as the outside sending MTA (REAL-PEERS.md): the first
+    RCPTs get 450 (verify-wait 0), it retries a second later, john is
+    delivered, nobody is refused with the hub's 550 and Postfix's own bounce
+    reaches alice; smapd bounces nothing."""
+    directory = helpers.make_spool(tmp_path / "spool")
+    recorder = helpers.recorder_dir(tmp_path / "mta")
+    table_path = table(tmp_path, directory, recorder, rsyslog, hub.port, "smap: verify-wait 0",
+                       "smapd: wakeup 1")
+    with start_smapd(tmp_path, table_path, directory):
+        daemon = SmapDaemon(tmp_path, table_path)
+        mailbox = realpeers.SmtpSink(tmp_path / "mailbox")
+        outside = None
+        try:
+            outside = realpeers.Postfix(tmp_path / "outside", daemon.port, settings={
+                "myhostname": "mta.outside.test", "smtp_bind_address": "127.0.0.3",
+                "queue_run_delay": "1s", "minimal_backoff_time": "1s",
+                "maximal_backoff_time": "2s", "delay_warning_time": "0h",
+                "mydestination": "outside.test", "local_recipient_maps": "",
+                "local_transport": "smtp:[127.0.0.1]:%d" % mailbox.port})
+            sent = outside.sendmail(b"From: alice@outside.test\nSubject: hello inside\n\nhi\n",
+                                    "alice@outside.test",
+                                    ["john@example.org", "nobody@example.org"])
+            assert sent.returncode == 0, sent.stderr
+            [bounce] = mailbox.wait_count(1, 60)
+            [dump] = smtp_sink.wait_count(1, 60)
+            outside.wait_queue_empty(30)
+            maillog = outside.maillog()
+        finally:
+            if outside is not None:
+                outside.stop()
+            mailbox.stop()
+            daemon.stop()
+    assert dump.rcpt_to == ["john@example.org"]
+    assert bounce.mail_from == "" and bounce.rcpt_to == ["alice@outside.test"]
+    text = bounce.data.replace(b"\n ", b" ")
+    assert b"nobody@example.org" in text and b"550 5.1.1" in text
+    assert b"User unknown in local recipient table" in text
+    assert "status=deferred" in maillog and "verification in progress" in maillog
+    assert "to=<nobody@example.org>" in maillog and "status=bounced" in maillog
+    log = rsyslog.read()
+    assert "bounce id=" not in log and helpers.recorded_runs(recorder) == []
+    assert log.count("probe to=") == 2
