@@ -206,3 +206,30 @@ def test_a_probe_past_deliver_timeout_is_given_up_and_its_late_answer_ignored(ma
     machine.finish()        # too late: not written
     record, _ = cache.read(str(root), "slow@example.org", NOW, machine.settings.ttls)
     assert record.kind == cache.UNAVAILABLE
+
+
+def test_smapd_reads_the_verification_settings_from_smaps_lines(tmp_path):
+    """The prober's rate and lifetimes are smap's attributes (DESIGN §12.2):
+    smapd reads smap's view of the same table; no prober without
+    verify-recipients or without a hub both programs read."""
+    from common import netperm, params
+
+    def settings(text):
+        path = tmp_path / "table"
+        path.write_text(text)
+        os.chmod(path, 0o644)
+        config = netperm.load(str(path), params.SMAPD)
+        assert config.errors == [] or os.geteuid() != 0
+        return prober.settings_of(config, "gw.example.org")
+
+    if os.geteuid() != 0:
+        pytest.skip("the table must be root's")
+    found = settings("smap, smapd: accept-domains example.org\nsmap: verify-recipients yes\n"
+                     "smap, smapd: mailhub 127.0.0.1:2526\nsmap: verify-rate 3\n"
+                     "smap: verify-negative-ttl 600\nsmapd: deliver-timeout 9\n")
+    assert (found.hub, found.rate, found.timeout, found.accept_domains) == (
+        ("127.0.0.1", 2526), 3, 9, ["example.org"])
+    assert found.ttls == {cache.OK: 2678400, cache.REJECT: 600,
+                          cache.UNAVAILABLE: cache.UNAVAILABLE_TTL}
+    assert settings("smap, smapd: mailhub 127.0.0.1:2526\n") is None
+    assert settings("smap: verify-recipients yes\nsmapd: mailhub 127.0.0.1:2526\n") is None
