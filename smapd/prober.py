@@ -259,7 +259,7 @@ class Prober:
     def request(self, data, sender):
         recipient, reason = request_problem(data, self.settings.accept_domains)
         if reason:
-            self.log.warning("probe-refuse", reason=reason)
+            self.log.warning("probe-refuse", reason=reason, request=data[:60])
             return
         key = verifycache.key_of(recipient)
         if key in self.inflight or key in self.queued:
@@ -368,10 +368,17 @@ class Prober:
                             "probe overran deliver-timeout: given up")
 
     def settle(self, key, recipient, kind, text, extra=()):
-        """Write the answer to the cache and wake whoever asked."""
+        """Write the answer to the cache and wake whoever asked.  A hub that
+        cannot be asked does not overwrite an answer that is still valid
+        (a refresh that failed): that answer is used until it expires."""
         now = int(self.clock())
         ttl = self.settings.ttls[kind]
         try:
+            if kind == verifycache.UNAVAILABLE:
+                current, _ = self.store.read(key, now, self.settings.ttls)
+                if current is not None and current.kind != verifycache.UNAVAILABLE:
+                    self.wake(self.waiters.pop(key, []) + list(extra))
+                    return
             self.store.write(key, verifycache.Record(kind, now, now + ttl, text))
         except OSError as err:
             self.log.error("verify-cache", to="<%s>" % recipient,

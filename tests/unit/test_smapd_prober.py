@@ -233,3 +233,19 @@ def test_smapd_reads_the_verification_settings_from_smaps_lines(tmp_path):
                           cache.UNAVAILABLE: cache.UNAVAILABLE_TTL}
     assert settings("smap, smapd: mailhub 127.0.0.1:2526\n") is None
     assert settings("smap: verify-recipients yes\nsmapd: mailhub 127.0.0.1:2526\n") is None
+
+
+def test_a_failed_refresh_keeps_the_answer_that_is_still_valid(machine):
+    launched, _, _, root = machine.test
+    machine.store.write("a@example.org", cache.Record(cache.OK, NOW - 2000000, NOW + 600000,
+                                                      "250 2.1.5 Ok"))
+    machine.request(b"a@example.org", b"\0a")
+    machine.start_probes()
+    assert launched == ["a@example.org"]            # due: refreshed
+    complete(machine, "a@example.org", cache.UNAVAILABLE, "mail hub unreachable: refused")
+    record, _ = cache.read(str(root), "a@example.org", NOW, machine.settings.ttls)
+    assert record.kind == cache.OK and (b".", b"\0a") in machine.sock.sent
+    # and while the hub is down, no UNAVAILABLE is written over it either
+    machine.request(b"a@example.org", None)
+    record, _ = cache.read(str(root), "a@example.org", NOW, machine.settings.ttls)
+    assert record.kind == cache.OK
