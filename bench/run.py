@@ -29,10 +29,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import harness, peers, pop3_bench, smapd_bench, smtp_bench, targets  # noqa: E402
+from bench import verify_bench  # noqa: E402  (issue 14)
 
 BEGIN = "<!-- bench:begin (written by bench/run.py; edit outside the markers) -->"
 END = "<!-- bench:end -->"
-GROUPS = ("startup", "smap", "smapd", "pop3", "memory")
+GROUPS = ("startup", "smap", "smapd", "pop3", "memory", "verify")
 
 
 def machine():
@@ -97,6 +98,8 @@ def build(env, smoke, groups):
     if "memory" in groups:
         measurements += smtp_bench.memory_measurements(env, smoke)
         measurements += pop3_bench.memory_measurements(env, smoke)
+    if "verify" in groups:
+        measurements += verify_bench.measurements(env, smoke)
     return measurements
 
 

@@ -83,6 +83,46 @@ TARGETS = [
 ]
 
 
+def _difference_target(measurements, group, prefix, program, baseline, bound):
+    """program's median at most `bound` above baseline's (same unit)."""
+    rows = find(measurements, group, prefix)
+    if not rows:
+        return None, "no such row"
+    figures, ok = [], True
+    for m in rows:
+        v, b = m.variant(program), m.variant(baseline)
+        if v is None or b is None or v.median is None or b.median is None:
+            return None, "%s: %s" % (m.name, (v and v.reason()) or (b and b.reason())
+                                     or "no value")
+        figures.append("%s %+.3g %s" % (m.name, v.median - b.median, m.unit))
+        ok = ok and v.median - b.median <= bound
+    return ok, "; ".join(figures)
+
+
+# issue 14: recipient verification (bench/verify_bench.py)
+TARGETS += [
+    ("verify: RCPT with a cached answer within 1 ms of no check",
+     lambda ms: _difference_target(ms, "verify", "RCPT latency, mean",
+                                   "smap --daemon, verify: cached answer",
+                                   "smap --daemon, no check", 1.0)),
+    ("verify: the mixed run ends with 0 bounces from smapd",
+     lambda ms: _zero_target(ms, "bounces made by smapd")),
+    ("verify: the mixed run delivers every known recipient",
+     lambda ms: _zero_target(ms, "known recipients not delivered")),
+]
+
+
+def _zero_target(measurements, suffix):
+    rows = [m for m in find(measurements, "verify", "mixed run") if m.name.endswith(suffix)]
+    if not rows:
+        return None, "no such row"
+    v = rows[0].variants[0]
+    if v.median is None:
+        return None, v.reason() or "no value"
+    return max(v.values) == 0, "%s: %s in every run" % (suffix, ", ".join("%d" % x
+                                                                        for x in v.values))
+
+
 def check(measurements):
     lines = []
     for text, test in TARGETS:

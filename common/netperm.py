@@ -304,7 +304,22 @@ def parse(text, path, program):
             config.problem(number, "%s: %s does not exist on this machine" % (attribute, value[0]),
                            warning=True)
     check_identity(config)
+    check_verification(config)
     return config
+
+
+def check_verification(config):
+    """issue 14: verify-fallback is defer or accept; verify-recipients yes
+    needs a mail hub to probe (`smap, smapd: mailhub HOST[:PORT]`)."""
+    if "verify-fallback" in config.values and \
+            config.values["verify-fallback"] not in ("defer", "accept"):
+        config.problem(config.lines["verify-fallback"],
+                       "verify-fallback: %r is not defer or accept"
+                       % config.values["verify-fallback"])
+    if config.values.get("verify-recipients") and config.get("mailhub") is None:
+        config.problem(config.lines["verify-recipients"],
+                       "verify-recipients yes needs a mail hub to probe: "
+                       "add `smap, smapd: mailhub HOST[:PORT]`")
 
 
 def check_identity(config):

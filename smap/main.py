@@ -94,6 +94,9 @@ def connection(config, logger, worker=None):
     relay_ok = hostmatch.list_matches(config.get("permit-relay") or [], peer.addr, peer.name)
     settings = session.Settings(hostname, config.get("maxbytes"), config.get("maxrecip"))
     hooks = policy.standard_hooks(config.get("accept-domains") or (), relay_ok)
+    if config.get("verify-recipients"):
+        from smap import verify     # issue 14: imported only when on, and before the jail
+        hooks += verify.hooks_for(config)
     directory = config.get("directory")
     if worker is not None:
         jailed = worker.jailed
@@ -307,6 +310,8 @@ def main(argv=None):
     default_hostname()          # once, not in every child
     # --daemon only (inetd mode must not pay for them), and before the workers fork
     from common import lookup, proxyproto, workers  # noqa: F401  (lookup, proxyproto: for the workers)
+    if config.get("verify-recipients"):
+        from smap import verify  # noqa: F401  (issue 14: the workers are jailed before they use it)
     listener = skeleton.listen(host, port, name="--daemon %s" % options.daemon)
     if not options.foreground:
         skeleton.daemonize(keep_fds=[listener.fileno()] + ([logger.sock.fileno()] if logger.sock else []),

@@ -251,7 +251,9 @@ class Session:
             self.log.notice("reject", addr=self.peer.addr_text, reason=reason,
                             hook=name, stage=stage)
             return reply
-        return self.error(reply, reason, hook=name, stage=stage)
+        # a hook's own log fields (smap.verify: the hub's reply), never the reply itself
+        return self.error(reply, reason, hook=name, stage=stage,
+                          **getattr(verdict, "fields", None) or {})
 
     # -- commands ---------------------------------------------------------
     def command_line(self, kind, line):

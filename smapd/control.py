@@ -31,7 +31,7 @@ import socket
 import time
 
 from common import fsguard, log, privs, skeleton, spool
-from smapd import agent, bounce, checks, metrics, scan
+from smapd import agent, bounce, checks, metrics, prober, scan
 
 PROGRAM = "smapd"
 PIDFILE = ".smapd.pid"
@@ -272,6 +272,11 @@ def start(config, options, stderr):
         finally:
             os._exit(status)
     agent_end.close()
+    # issue 14: the recipient prober, beside the agent (smapd.prober); it ends with the scanner
+    verification = None if once else prober.settings_of(config, reporting_mta)
+    if verification is not None:
+        prober.start(verification, logger, directory, uid, gid,
+                     close=(lock_fd, trigger, scanner_end.fileno()))
     jailed = privs.drop(directory, uid, gid)
     if not jailed:
         logger.warning("unprivileged", user=user,
