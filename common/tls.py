@@ -213,19 +213,20 @@ def system_bundle():
     return None
 
 
-def client_context(verify=True, cafile=None, min_version="TLSv1.2"):
+def client_context(verify=True, cafile=None, min_version="TLSv1.2", check_hostname=True):
     """A client SSLContext for an inside leg: TLS 1.2 at least, the same
     forward-secret suites; with verify, the peer's certificate must chain
     to cafile (root's alone, loaded from its bytes) or the system bundle,
-    and match the name given to wrap_socket.  Without verify nothing is
-    checked (encryption against a passive listener only).  TLSFileError."""
+    and (check_hostname) match the name given to wrap_socket.  Without
+    verify nothing is checked (encryption against a passive listener
+    only).  TLSFileError."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(context, min_version)
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    context.check_hostname = True
+    context.check_hostname = bool(check_hostname)
     context.verify_mode = ssl.CERT_REQUIRED
     if cafile:
         data = read_trusted(cafile, secret=False)

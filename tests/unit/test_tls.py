@@ -294,6 +294,14 @@ def test_client_verification_names_the_failure(ca, other_ca):
         tls.handshake(sock, tls.client_context(True, str(other_ca.root)), "localhost", 5)
     assert "unable to get local issuer certificate" in tls.describe_error(err.value)
     result["thread"].join(5)
+    # the chain alone, without the name check, takes it
+    sock, result = serve_once(server)
+    client = tls.handshake(sock, tls.client_context(True, str(ca.root), check_hostname=False),
+                           "localhost", 5)
+    assert client.recv(5) == b"hello"
+    client.sendall(b"x")
+    client.close()
+    result["thread"].join(5)
     # without verification the same server is accepted (encrypt level)
     sock, result = serve_once(server)
     client = tls.handshake(sock, tls.client_context(False), "localhost", 5)
