@@ -14,6 +14,7 @@ sees the APOP command in clear.
 import os
 import random
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -202,4 +203,33 @@ def test_a_hostile_server_never_sees_the_apop_in_clear(peers, tmp_path, capa, st
     finally:
         daemon.stop()
         setup.log.close()
+        try:
+            server.listener.shutdown(socket.SHUT_RDWR)      # wakes its accept()
+        except OSError:
+            pass
         server.close()
+
+
+def test_a_vanished_client_commits_no_deletion_inside_tls(peers):
+    """relay_tls turns the client's EOF into a half-close, never a QUIT:
+    Dovecot skips its UPDATE state and the DELE is not committed."""
+    dovecot = peers["dovecot"]
+    dovecot.deliver("alice", message(b"keep-me"))
+    setup, daemon = gateway_for(peers, "vanish", "127.0.0.2:%d" % dovecot.port,
+                                ["pop3-gw: server-tls stls",
+                                 "pop3-gw: server-ca %s" % peers["ca"].root])
+    try:
+        client, reply = apop_through(daemon)
+        assert reply.startswith(b"+OK"), reply
+        count = int(client.command(b"STAT").split()[1])
+        assert count >= 1
+        assert client.command(b"DELE 1").startswith(b"+OK")
+        client.close()                                  # no QUIT
+        setup.log.wait_for(r"disconnect .*user=alice")
+        again, reply = apop_through(daemon)
+        assert reply.startswith(b"+OK"), reply
+        assert int(again.command(b"STAT").split()[1]) == count
+        assert again.command(b"QUIT").startswith(b"+OK")
+    finally:
+        daemon.stop()
+        setup.log.close()
