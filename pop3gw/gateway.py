@@ -386,6 +386,7 @@ def jailed_child(config, logger, settings, link_socket):
     """Jail and drop at once, then wait for the monitor's `go` with the
     client's descriptor (end of file: no client, exit quietly)."""
     uid, gid, _ = privs.user_and_group(config)
+    server_tls = upstream.UpstreamTLS.from_config(config)    # the CA file, before the jail
     if not privs.drop(config.get("directory"), uid, gid):
         logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
     data, fds = b"", []
@@ -414,10 +415,11 @@ def jailed_child(config, logger, settings, link_socket):
                           spoofed == "1")
     skeleton.set_title("pop3-gw: %s" % peer.addr_text)
     return jailed_session(config, logger, settings, peer, timestamp, link_socket,
-                          float(started))
+                          float(started), server_tls)
 
 
-def jailed_session(config, logger, settings, peer, timestamp, link_socket, started):
+def jailed_session(config, logger, settings, peer, timestamp, link_socket, started,
+                   server_tls=None):
     """The client's whole session, jailed: it holds no secret, only the link."""
     link = authority.MonitorLink(link_socket)
     channel = lineio.Channel(0, 1)
@@ -453,15 +455,17 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
             try:
                 # Only the addresses the monitor's rules passed (Session.authenticate).
                 server = upstream.login(login.addresses, login.port, login.user, link.sign,
-                                        timeout)
+                                        timeout, server_tls, login.host)
             except upstream.UpstreamError as err:
-                logger.notice("upstream-fail", reason=err.reason, **fields)
+                logger.notice("upstream-fail", reason=err.reason, tls_error=err.tls_error,
+                              **fields)
                 channel.write(err.reply)
                 ended = "upstream failed"
             else:
+                fields.update(server.tls_fields)
                 logger.info("login", **fields)
                 channel.write(server.reply)
-                result = relay.relay(0, 1, server.sock, timeout, pop.rest, server.rest)
+                result = upstream.relay_session(server, 0, 1, timeout, pop.rest)
                 server.sock.close()
                 client_bytes, server_bytes, ended = (result.client_bytes,
                                                      result.server_bytes, result.ended)
