@@ -296,8 +296,26 @@ def test_pop3_proxy_host_without_a_header_is_refused(site):
 
 
 def test_health_checks_are_the_load_balancer_itself(site):
-    """HAProxy's checks carry a header too (v2 LOCAL, v1 UNKNOWN): the
-    session is the balancer's own, not refused as a missing header."""
+    """A health check's header (v2 LOCAL, v1 UNKNOWN) makes the session the
+    balancer's own, not a missing header.  Sent here from the balancer's
+    address on a connection kept open: HAProxy's own checks close at once,
+    often before the session process has even looked at its peer."""
+    local_v2 = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+    for header in (local_v2, b"PROXY UNKNOWN\r\n"):
+        sock = direct_from_lb(site.smaps[0].port)
+        sock.sendall(header)
+        client = SmtpClient(sock)
+        assert client.reply().startswith(b"220 "), header
+        assert client.command(b"QUIT\r\n").startswith(b"221")
+        client.close()
+        for gateway in site.gateways:
+            sock = direct_from_lb(gateway.port)
+            sock.sendall(header)
+            sock.settimeout(20)
+            assert sock.recv(512).startswith(b"+OK "), header
+            sock.sendall(b"QUIT\r\n")
+            assert sock.recv(512).startswith(b"+OK")
+            sock.close()
     site.smap_log.wait_for(r"connect host=\S+ addr=%s proxy=%s" % (LB, LB))
     gateway_logs(site, r"connect host=\S+ addr=%s proxy=%s" % (LB, LB))
     assert not [line for line in site.smap_log.lines() if "bad PROXY header" in line
