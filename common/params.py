@@ -52,6 +52,8 @@ ALL = (SMAP, SMAPD, POP3GW, AUTHMGR)
 #   patterns one or more host patterns
 #   bool     yes/no, on/off, true/false
 #   facility a syslog facility name
+#   milters  milter SPECs (common.endpoint)
+#   choice   one word out of the tuple in `low`
 _DECLARED = [
     Param("userid", (SMAP, SMAPD), "user", "uucp", None, None,
           "user the program runs as after start-up"),
@@ -83,6 +85,15 @@ _DECLARED = [
           "the site's own mail domains, subdomains included"),
     Param("permit-relay", (SMAP,), "patterns", None, None, None,
           "inside hosts that may send to any domain"),
+    # Content scanning (issue 15, smap.milter): milters are asked in order;
+    # a milter that is down, slow or broken gets milter-default-action.
+    Param("milters", (SMAP,), "milters", None, None, None,
+          "milters asked before each reply, in order: unix:PATH or inet:IP:PORT"),
+    Param("milter-default-action", (SMAP,), "choice", "tempfail",
+          ("tempfail", "accept", "reject"), None,
+          "what a milter that is down, times out or breaks the protocol means"),
+    Param("milter-timeout", (SMAP,), "int", 30, 1, 600,
+          "seconds one exchange with a milter may take"),
     Param("sendmail", (SMAPD,), "command", "/usr/sbin/sendmail -bm", None, None,
           "the MTA; smapd appends -oi -f SENDER -- RCPT..."),
     Param("mailhub", (SMAPD,), "hostport", "None", None, None,

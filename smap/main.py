@@ -87,6 +87,9 @@ def connection(config, logger, worker=None):
     relay_ok = hostmatch.list_matches(config.get("permit-relay") or [], peer.addr, peer.name)
     settings = session.Settings(hostname, config.get("maxbytes"), config.get("maxrecip"))
     hooks = policy.standard_hooks(config.get("accept-domains") or (), relay_ok)
+    if config.get("milters"):
+        from smap import milter     # only then: inetd mode must not import `socket`
+        hooks.append(milter.hook(config, logger, worker.lookup if worker else None))
     directory = config.get("directory")
     if worker is not None:
         jailed = worker.jailed
@@ -189,7 +192,9 @@ class SessionWorker:
 
     def start_lookup(self, uid, gid):
         from common import lookup   # --daemon only: inetd mode must not pay for its imports
-        self.lookup = lookup.Lookup(uid, gid, title="smap: resolver")
+        self.lookup = lookup.Lookup(uid, gid, title="smap: resolver",
+                                    milters=self.config.get("milters") or (),
+                                    milter_timeout=self.config.get("milter-timeout"))
 
     @property
     def exhausted(self):
