@@ -501,7 +501,7 @@ class Milter:
         self.connection.send(optneg(), deadline)
         self.negotiated = decode_optneg(*self.connection.read(deadline))
         if self.negotiated.asked_actions & ~OFFERED_ACTIONS:
-            self.log.info("milter", milter=self.spec, stage="connect", verdict="negotiated",
+            self.log.event(7, "milter", milter=self.spec, stage="connect", verdict="negotiated",
                           reason="asked for actions 0x%x, granted 0x%x (no body, sender or "
                                  "recipient changes)" % (self.negotiated.asked_actions,
                                                         self.negotiated.actions))
