@@ -39,6 +39,8 @@ def parse(text):
         host = host[1:-1]
         if ":" not in host:
             raise ValueError("%r: [...] is for an IPv6 address" % text)
+    elif ":" in host:
+        raise ValueError("%r: write an IPv6 address in brackets: inet:[::1]:PORT" % text)
     address = hostmatch.normalize_address(host) if host else None
     if address is None or "%" in host:
         raise ValueError("%r: HOST must be an IP address literal (no DNS for milters)" % text)

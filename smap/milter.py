@@ -286,7 +286,8 @@ def decode_reply(command, payload, event, negotiated):
             raise ProtocolError("%s reply with %d octets of data" % (name, len(payload)))
         if command == R_DISCARD and event in ("connect", "helo"):
             raise ProtocolError("discard at %s" % event)
-        if command == R_SKIP and (event != "body" or not negotiated.protocol & P_SKIP):
+        # SMFIP_SKIP is smap's offer (always made): a skip is fine for a body chunk
+        if command == R_SKIP and event != "body":
             raise ProtocolError("skip at %s" % event)
         return Reply(command)
     if command == R_REPLYCODE:
