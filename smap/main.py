@@ -192,6 +192,8 @@ class SessionWorker:
 
     def start_lookup(self, uid, gid):
         from common import lookup   # --daemon only: inetd mode must not pay for its imports
+        if self.config.get("milters"):
+            from smap import milter     # noqa: F401  (before the chroot: used inside it)
         self.lookup = lookup.Lookup(uid, gid, title="smap: resolver",
                                     milters=self.config.get("milters") or (),
                                     milter_timeout=self.config.get("milter-timeout"))

@@ -40,6 +40,7 @@ a reply line of its own making, or store a header line that is not one.
 
 import re
 import select
+import socket
 import struct
 import time
 
@@ -361,7 +362,6 @@ class Connection:
         self.reader = PacketReader()
 
     def send(self, data, deadline):
-        import socket
         view = memoryview(data)
         while view:
             self.wait(deadline, write=True)
@@ -375,7 +375,6 @@ class Connection:
 
     def read(self, deadline):
         """The next whole packet (command, payload)."""
-        import socket
         while True:
             item = self.reader.next()
             if item is not None:
