@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import harness, peers, pop3_bench, smapd_bench, smtp_bench, targets  # noqa: E402
+from bench import harness, milter_bench, peers, pop3_bench, smapd_bench, smtp_bench, targets  # noqa: E402,E501
 
 BEGIN = "<!-- bench:begin (written by bench/run.py; edit outside the markers) -->"
 END = "<!-- bench:end -->"
-GROUPS = ("startup", "smap", "smapd", "pop3", "memory")
+GROUPS = ("startup", "smap", "smapd", "pop3", "memory", "milter")
 
 
 def machine():
@@ -97,6 +97,8 @@ def build(env, smoke, groups):
     if "memory" in groups:
         measurements += smtp_bench.memory_measurements(env, smoke)
         measurements += pop3_bench.memory_measurements(env, smoke)
+    if "milter" in groups:
+        measurements += milter_bench.measurements(env, smoke)
     return measurements
 
 
