@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import harness, peers, pop3_bench, smapd_bench, smtp_bench, targets  # noqa: E402
+from bench import harness, milter_bench, peers, pop3_bench, smapd_bench, smtp_bench, targets  # noqa: E402,E501
 from bench import verify_bench  # noqa: E402  (issue 14)
 
 BEGIN = "<!-- bench:begin (written by bench/run.py; edit outside the markers) -->"
 END = "<!-- bench:end -->"
-GROUPS = ("startup", "smap", "smapd", "pop3", "memory", "verify")
+GROUPS = ("startup", "smap", "smapd", "pop3", "memory", "verify", "milter")
 
 
 def machine():
@@ -100,6 +100,8 @@ def build(env, smoke, groups):
         measurements += pop3_bench.memory_measurements(env, smoke)
     if "verify" in groups:
         measurements += verify_bench.measurements(env, smoke)
+    if "milter" in groups:
+        measurements += milter_bench.measurements(env, smoke)
     return measurements
 
 

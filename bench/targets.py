@@ -80,6 +80,11 @@ TARGETS = [
     ("pop3-gw ≤ 3 MiB private per session",
      lambda ms: _value_target(ms, "memory", "private (Private_*) of one pop3-gw", "pop3-gw",
                               3.0)),
+    ("smap --daemon intake through clamav-milter ≥ 1.0× Postfix smtpd with the same milter "
+     "(issue 15)",
+     lambda ms: _ratio_target(ms, "milter", "intake through clamav-milter",
+                              "smap --daemon + clamav-milter", "Postfix smtpd + clamav-milter",
+                              1.0, True)),
 ]
 
 

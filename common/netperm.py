@@ -20,7 +20,7 @@ import grp
 import os
 import pwd
 
-from common import fsguard, hostmatch, params
+from common import endpoint, fsguard, hostmatch, params
 
 MAX_TABLE_BYTES = 1 << 20
 # the programs that drop to `userid`/`groupid`
@@ -130,7 +130,7 @@ def convert(param, args):
         if value < param.low or value > param.high:
             raise ValueError("%d is outside %d..%d" % (value, param.low, param.high))
         return value
-    if kind in ("words", "patterns", "addresses", "command") and not args:
+    if kind in ("words", "patterns", "addresses", "command", "milters") and not args:
         raise ValueError("needs at least one argument")
     if kind == "words":
         return [w.lower() for w in args]
@@ -141,6 +141,10 @@ def convert(param, args):
             raise ValueError(str(err)) from None
     if kind == "addresses":
         return address_patterns(args)
+    if kind == "milters":
+        if len(args) > 20:
+            raise ValueError("at most 20 milters")
+        return [endpoint.canonical(w) for w in args]
     if kind == "command":
         if not args[0].startswith("/"):
             raise ValueError("the program must be an absolute path")

@@ -54,6 +54,7 @@ ALL = (SMAP, SMAPD, POP3GW, AUTHMGR)
 #   addresses one or more host patterns that match addresses only (no names, not `*`)
 #   bool     yes/no, on/off, true/false
 #   facility a syslog facility name
+#   milters  milter SPECs (common.endpoint)
 #   choice   one of the words in `choices` (case-insensitive; the value as declared)
 _DECLARED = [
     Param("userid", (SMAP, SMAPD), "user", "uucp", None, None,
@@ -114,6 +115,15 @@ _DECLARED = [
           "the site's own mail domains, subdomains included"),
     Param("permit-relay", (SMAP,), "patterns", None, None, None,
           "inside hosts that may send to any domain"),
+    # Content scanning (issue 15, smap.milter): milters are asked in order;
+    # a milter that is down, slow or broken gets milter-default-action.
+    Param("milters", (SMAP,), "milters", None, None, None,
+          "milters asked before each reply, in order: unix:PATH or inet:IP:PORT"),
+    Param("milter-default-action", (SMAP,), "choice", "tempfail", None, None,
+          "what a milter that is down, times out or breaks the protocol means",
+          choices=("tempfail", "accept", "reject")),
+    Param("milter-timeout", (SMAP,), "int", 30, 1, 600,
+          "seconds one exchange with a milter may take"),
     Param("sendmail", (SMAPD,), "command", "/usr/sbin/sendmail -bm", None, None,
           "the MTA; smapd appends -oi -f SENDER -- RCPT..."),
     Param("mailhub", (SMAP, SMAPD), "hostport", "None", None, None,

@@ -15,7 +15,7 @@ A message file is:
 
     MAILWALL-SPOOL 1\\n
     key value\\n ...          (id, arrival, client-addr, client-name, helo,
-                              sender, rcpt (repeated), size)
+                              sender, rcpt (repeated), size, quarantine)
     \\n
     <message octets, CRLF lines, dot-unstuffed>
     \\nMAILWALL-END <message length>\\n
@@ -44,7 +44,12 @@ MAX_ENVELOPE = 1 << 20
 MAX_RCPT_FIELDS = 100000
 MAX_TIME = 1e10          # epoch seconds (the year 2286): a later time is damage
 MAX_SIZE = 1 << 40       # octets; far above any maxbytes
-ENVELOPE_KEYS = ("id", "arrival", "client-addr", "client-name", "helo", "sender", "rcpt", "size")
+ENVELOPE_KEYS = ("id", "arrival", "client-addr", "client-name", "helo", "sender", "rcpt", "size",
+                 "quarantine")
+# The reason of a quarantine mark, in characters (smap writes it, smapd
+# moves the message to baddir with it at once).
+MAX_QUARANTINE_REASON = 500
+COPY_CHUNK = 1 << 20
 
 
 class SpoolError(Exception):
@@ -155,19 +160,102 @@ def encode_envelope(envelope):
 
 
 class MessageWriter:
-    """Writes one message into tmp/, then commits it into queue/."""
+    """Writes one message into tmp/, then commits it into queue/.
+
+    Before the commit, edit_header() and quarantine() may ask for the
+    changes a policy hook wants (smap.policy: header changes, a quarantine
+    mark); commit() then writes the message again, changed, into a second
+    temporary file that replaces the first, and commits that one.  The
+    client hears "250" only after that commit, as for any message."""
 
     def __init__(self, root, message_id):
         self.root = root
         self.id = message_id
         self.tmp_path = os.path.join(root, TMP, message_id)
-        self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.length = 0
         self.chunks = []
         self.buffered = 0
+        self.envelope = None
+        self.offset = 0             # where the message starts in the file
+        self.changes = []
+        self.quarantine_reason = None
 
     def start(self, envelope):
-        self._write(encode_envelope(envelope))
+        self.envelope = dict(envelope)
+        block = encode_envelope(envelope)
+        self.offset = len(block)
+        self._write(block)
+
+    def edit_header(self, changes):
+        """Apply these smap.policy.HeaderChange (checked by the caller) at the commit."""
+        self.changes.extend(changes)
+
+    def quarantine(self, reason):
+        """Mark the message for the quarantine: smapd moves it to baddir
+        with `reason` as soon as it sees it, and tells the postmaster."""
+        text = "".join(c if " " <= c <= "~" else "?" for c in str(reason))
+        self.quarantine_reason = text[:MAX_QUARANTINE_REASON] or "no reason given"
+
+    def rewrite(self):
+        """The message again with the header changes and the quarantine mark:
+        written to tmp/ID.edit, renamed over tmp/ID (still uncommitted)."""
+        self.flush()
+        envelope = dict(self.envelope)
+        if self.quarantine_reason is not None:
+            envelope["quarantine"] = self.quarantine_reason
+        header, body_offset = self.read_header()
+        header = edit_header(header, self.changes)
+        edit_path = self.tmp_path + ".edit"
+        fd = os.open(edit_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            block = encode_envelope(envelope)
+            data = block + header
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            length = len(header)
+            position = self.offset + body_offset
+            end = self.offset + self.length
+            while position < end:
+                chunk = os.pread(self.fd, min(COPY_CHUNK, end - position), position)
+                if not chunk:
+                    raise OSError(errno.EIO, "spool file shorter than written")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                position += len(chunk)
+                length += len(chunk)
+            os.rename(edit_path, self.tmp_path)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(edit_path)
+            except OSError:
+                pass
+            raise
+        os.close(self.fd)
+        self.fd = fd
+        self.length = length
+        self.offset = len(block)
+
+    def read_header(self):
+        """(header bytes, offset of the body in the message): the header is
+        everything up to and including the first empty line (the whole
+        message when it has none)."""
+        data = b""
+        while len(data) < self.length:
+            chunk = os.pread(self.fd, min(COPY_CHUNK, self.length - len(data)),
+                             self.offset + len(data))
+            if not chunk:
+                raise OSError(errno.EIO, "spool file shorter than written")
+            data += chunk
+            if data.startswith(b"\r\n"):
+                return b"\r\n", 2
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                return data[:end + 4], end + 4
+        return data, len(data)
 
     def write(self, data):
         self.length += len(data)
@@ -189,6 +277,8 @@ class MessageWriter:
 
     def commit(self):
         """fsync, rename into queue/, fsync queue/: only then is the message safe."""
+        if self.changes or self.quarantine_reason is not None:
+            self.rewrite()
         self.flush()
         self._write(END + b"%d\n" % self.length)
         os.fsync(self.fd)
@@ -220,6 +310,75 @@ class MessageWriter:
             os.unlink(self.tmp_path)
         except OSError:
             pass
+
+
+def split_fields(header):
+    """The fields of a header (each with its folds and CRLF) and the rest:
+    from the empty line that ends the header, or from the first line that
+    is not a field (a message without an empty line), to the end."""
+    fields = []
+    position = 0
+    while position < len(header):
+        end = header.find(b"\r\n", position)
+        end = len(header) if end < 0 else end + 2
+        line = header[position:end]
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        elif line == b"\r\n" or field_name(line) is None:
+            break
+        else:
+            fields.append(line)
+        position = end
+    return fields, header[position:]
+
+
+def field_name(field):
+    """The lower-case name of a header field line, or None if it is not one."""
+    name, colon, _ = field.partition(b":")
+    name = name.rstrip(b" \t")
+    if not colon or not name or any(c < 33 or c > 126 for c in name):
+        return None
+    return name.lower()
+
+
+def format_field(name, value):
+    """`Name: value` CRLF; a value that starts with a space or a tab (a
+    milter's with SMFIP_HDR_LEADSPC) is kept as it is after the colon."""
+    data = value.encode("utf-8", "surrogateescape")
+    separator = b":" if data[:1] in (b" ", b"\t") else b": "
+    return name.encode("ascii") + separator + data + b"\r\n"
+
+
+def edit_header(header, changes):
+    """The header with smap.policy.HeaderChange applied in order, as the
+    milter protocol has them: add appends; insert puts a field at position
+    `index` (0: first); change replaces the index-th field of that name
+    (1: the first) or, when there is none, appends it (Sendmail's rule);
+    delete removes the index-th field of that name, if there is one."""
+    fields, rest = split_fields(header)
+    for change in changes:
+        name = change.name.encode("ascii").lower()
+        if change.action == "add":
+            fields.append(format_field(change.name, change.value))
+            continue
+        if change.action == "insert":
+            fields.insert(min(change.index, len(fields)), format_field(change.name, change.value))
+            continue
+        seen, where = 0, None
+        for position, field in enumerate(fields):
+            if field_name(field) == name:
+                seen += 1
+                if seen == change.index:
+                    where = position
+                    break
+        if change.action == "change":
+            if where is None:
+                fields.append(format_field(change.name, change.value))
+            else:
+                fields[where] = format_field(change.name, change.value)
+        elif where is not None:
+            del fields[where]
+    return b"".join(fields) + rest
 
 
 def fsync_dir(path):

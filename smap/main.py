@@ -97,6 +97,9 @@ def connection(config, logger, worker=None):
     if config.get("verify-recipients"):
         from smap import verify     # issue 14: imported only when on, and before the jail
         hooks += verify.hooks_for(config)
+    if config.get("milters"):
+        from smap import milter     # only then: inetd mode must not import `socket`
+        hooks.append(milter.hook(config, logger, worker.lookup if worker else None))
     directory = config.get("directory")
     if worker is not None:
         jailed = worker.jailed
@@ -246,7 +249,11 @@ class SessionWorker:
 
     def start_lookup(self, uid, gid):
         from common import lookup   # --daemon only: inetd mode must not pay for its imports
-        self.lookup = lookup.Lookup(uid, gid, title="smap: resolver")
+        if self.config.get("milters"):
+            from smap import milter     # noqa: F401  (before the chroot: used inside it)
+        self.lookup = lookup.Lookup(uid, gid, title="smap: resolver",
+                                    milters=self.config.get("milters") or (),
+                                    milter_timeout=self.config.get("milter-timeout"))
 
     @property
     def exhausted(self):

@@ -10,7 +10,9 @@ reads the delivery state, parses and checks the untrusted spool content
 request to the agent.  The agent's outcome decides: delivered → file
 removed; temporary → state saved, retried after `retry`, bounced after
 `maxage`; permanent → bounce (smapd.bounce).  Files that fail the checks
-are moved to `baddir` with a reason file and the postmaster hears of it.
+are moved to `baddir` with a reason file and the postmaster hears of it;
+so are messages that smap marked for the quarantine (a `quarantine REASON`
+envelope field: a milter's verdict), as soon as the scanner sees them.
 A bounce is committed to the spool before the original is removed, so a
 crash can duplicate a notice but never lose a message.  What happens after
 an attempt is decided by the pure functions of smapd.decide; this module
@@ -367,6 +369,11 @@ class Scanner:
             return False
         if envelope["id"] != name:
             self.quarantine_path(name, "queue id in the file does not match its name")
+            return False
+        if envelope.get("quarantine"):
+            # smap's mark (a policy hook such as a milter said quarantine):
+            # the jailed smap cannot reach baddir, so smapd moves it now.
+            self.quarantine_path(name, "smap: %s" % envelope["quarantine"], envelope)
             return False
         self.note_arrival(name, envelope, length, record)
         data = os.pread(fd, length, offset)

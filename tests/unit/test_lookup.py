@@ -103,3 +103,32 @@ def test_socket_type_keeps_requests_apart(helper):
     assert first == ("%d %s" % (spoofed, name)).encode()
     assert second == b"0 "
     assert helper.sock.type == socket.SOCK_SEQPACKET
+
+
+# -- "milter N": a connected socket passed back (issue 15) ---------------------
+
+def test_milter_request_passes_a_connected_socket(tmp_path):
+    path = str(tmp_path / "m.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    made = lookup.Lookup(None, None, drop=False, milters=["unix:" + path], milter_timeout=5)
+    try:
+        sock, error = made.milter_socket(0)
+        assert error is None and sock.family == socket.AF_UNIX
+        server, _ = listener.accept()
+        sock.sendall(b"ping")
+        assert server.recv(4) == b"ping"
+        sock.close()
+        server.close()
+        assert made.milter_socket(1) == (None, "no such milter")
+        # the helper connects only to the SPECs it was given: a path is no index
+        assert raw(made, b"milter /etc/passwd") == b"error no such milter"
+        assert raw(made, b"milter -1") == b"error no such milter"
+        listener.close()
+        os.unlink(path)
+        sock, error = made.milter_socket(0)
+        assert sock is None and error.startswith("connect: ")
+        assert not made.broken and made.confirmed_name("127.0.0.1")[0]
+    finally:
+        made.close()

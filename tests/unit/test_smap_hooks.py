@@ -472,15 +472,45 @@ def test_a_folded_header_value_is_a_good_change():
     assert policy.change_problem(policy.delete_header("X-A", 2)) is None
 
 
+class PlainWriter(spool.MessageWriter):
+    """A spool writer without header editing or quarantine (the writer of
+    before issue 15)."""
+
+    def __getattribute__(self, name):
+        if name in ("edit_header", "quarantine"):
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
 def test_a_writer_that_cannot_edit_or_quarantine_gives_451_not_a_silent_commit(tmp_path):
     for number, verdict in enumerate([policy.accept([policy.add_header("X-A", "1")]),
                                       policy.quarantine("virus")]):
         root = tmp_path / str(number)
-        smtp, log = make_session(root, hooks=[Recorder(on_data=verdict)])   # spool.MessageWriter
+        smtp, log = make_session(root, hooks=[Recorder(on_data=verdict)],
+                                 writer_factory=PlainWriter)
         open_transaction(smtp, State.DATA)
         assert smtp.feed(b"x\r\n.\r\n") == b"451 4.3.0 Error: local error in processing\r\n"
         assert spooled(root) == ([], [])
         assert [e for _, e, _ in log.events if e == "spool"]
+
+
+def test_the_spool_writer_applies_header_changes_and_the_quarantine_mark(tmp_path):
+    """Issue 15 closed the gap: spool.MessageWriter edits the header and
+    marks the message for smapd's quarantine before the commit."""
+    changes = [policy.add_header("X-A", "1"), policy.delete_header("Subject")]
+    for number, verdict in enumerate([policy.accept(changes),
+                                      policy.quarantine("virus", changes)]):
+        root = tmp_path / str(number)
+        smtp, log = make_session(root, hooks=[Recorder(on_data=verdict)])
+        open_transaction(smtp, State.DATA)
+        assert smtp.feed(b"Subject: s\r\n\r\nx\r\n.\r\n").startswith(b"250 2.0.0 Ok: queued as ")
+        (name,), tmp = spooled(root)
+        assert tmp == []
+        envelope, data = spool.read_message(str(root / "queue" / name))
+        assert b"\r\nX-A: 1\r\n\r\nx\r\n" in data and b"Subject" not in data
+        assert ("quarantine" in envelope) == bool(number)
+        if number:
+            assert "virus" in envelope["quarantine"]
 
 
 def test_refused_text_reaches_no_hook_and_no_verdict_is_asked(tmp_path):

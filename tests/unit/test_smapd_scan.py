@@ -192,3 +192,26 @@ class Clock:
 
     def __getattr__(self, name):
         return getattr(time, name)
+
+
+def test_a_message_smap_marked_for_the_quarantine_goes_to_baddir_at_once(queue):
+    """A milter said quarantine (issue 15): smap wrote the mark, smapd moves
+    the message to baddir with the milter's reason and tells the postmaster;
+    nothing is delivered."""
+    message_id = spool.new_id()
+    writer = spool.MessageWriter(queue.root, message_id)
+    writer.start({"id": message_id, "arrival": "%.6f" % scan.time.time(),
+                  "sender": "a@example.net", "rcpt": ["user@example.org"]})
+    writer.write(HEADER + b"body\r\n")
+    writer.quarantine("milter: milter inet:127.0.0.1:7357: Eicar found")
+    writer.commit()
+    delivered = []
+    queue.run(lambda recipient: delivered.append(recipient) or ("ok", "MTA exit 0"))
+    assert message_id not in queue.queued()
+    assert os.path.exists(queue.bad(message_id))
+    with open(queue.bad(message_id) + ".reason") as reason:
+        assert "reason: smap: milter: milter inet:127.0.0.1:7357: Eicar found" in reason.read()
+    (event,) = queue.events("quarantine")
+    assert event["id"] == message_id
+    assert "user@example.org" not in delivered
+    assert queue.events("notice")                          # the postmaster is told
