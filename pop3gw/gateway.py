@@ -34,7 +34,7 @@ import socket
 import time
 import urllib.parse
 
-from common import apop, fsguard, hostmatch, lineio, privs, skeleton
+from common import apop, conversation, fsguard, hostmatch, lineio, privs, skeleton
 from pop3gw import authority, relay, session, upstream
 
 MAX_ADDRESSES = authority.MAX_ADDRESSES
@@ -378,6 +378,18 @@ def jailed_child(config, logger, settings, link_socket):
                           float(started))
 
 
+# How the dialogue before login ended, as the disconnect line says it.
+DIALOGUE_ENDINGS = {
+    conversation.DONE: "client quit",       # logged in: the relay's ending replaces it
+    conversation.CLOSED: "closed before login",
+    conversation.TIMEOUT: "timeout before login",
+    conversation.EOF: "client closed before login",
+    conversation.WRITE_FAILED: "client write failed",
+    conversation.SWITCH_REFUSED: "closed before login",
+    conversation.SWITCH_FAILED: "client closed before login",
+}
+
+
 def jailed_session(config, logger, settings, peer, timestamp, link_socket, started):
     """The client's whole session, jailed: it holds no secret, only the link."""
     link = authority.MonitorLink(link_socket)
@@ -386,27 +398,10 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
     timeout = config.get("timeout")
     fields = dict(host=peer.name_text, addr=peer.addr_text)
     client_bytes = server_bytes = 0
-    ended = "client quit"
+    # Before login `timeout` bounds a whole command line, not each read.
+    dialogue = conversation.Conversation(channel, pop, timeout)
+    ended = DIALOGUE_ENDINGS[dialogue.run(until=lambda: pop.login is not None)]
     try:
-        channel.write(pop.greeting())
-        # Before login `timeout` bounds a whole command line, not each read.
-        deadline = lineio.LineDeadline(timeout, pop.splitter)
-        while not pop.closed and pop.login is None:
-            try:
-                data = deadline.read(channel)
-            except lineio.Timeout:
-                channel.write(pop.timeout())
-                ended = "timeout before login"
-                break
-            except lineio.Closed:
-                ended = "client closed before login"
-                break
-            reply = pop.feed(data)
-            deadline.fed()
-            if reply:
-                channel.write(reply)
-        if pop.closed and ended == "client quit":
-            ended = "closed before login"
         if pop.login is not None:
             login = pop.login
             fields.update(user=login.user, dest=session.server_text_of(login.host, login.port))
@@ -417,11 +412,11 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
                                         timeout)
             except upstream.UpstreamError as err:
                 logger.notice("upstream-fail", reason=err.reason, **fields)
-                channel.write(err.reply)
+                dialogue.write(err.reply)
                 ended = "upstream failed"
             else:
                 logger.info("login", **fields)
-                channel.write(server.reply)
+                dialogue.write(server.reply)
                 result = relay.relay(0, 1, server.sock, timeout, pop.rest, server.rest)
                 server.sock.close()
                 client_bytes, server_bytes, ended = (result.client_bytes,
@@ -430,7 +425,7 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
         ended = "client write failed"
     linger_close()
     logger.info("disconnect", reason=ended,
-                bytes_in=channel.bytes_in + client_bytes,
-                bytes_out=channel.bytes_out + server_bytes,
+                bytes_in=dialogue.bytes_in + client_bytes,
+                bytes_out=dialogue.bytes_out + server_bytes,
                 duration="%.3f" % (time.monotonic() - started), **fields)
     return 0

@@ -151,6 +151,10 @@ class Session:
         self.state = CLOSED
         return b""
 
+    def eof(self):
+        """The client went away (or took no reply): nothing more to say."""
+        self.state = CLOSED
+
     def feed(self, data):
         self.splitter.feed(data)
         replies = []

@@ -23,7 +23,7 @@ import stat
 import sys
 import time
 
-from common import cli, fsguard, hostmatch, lineio, log, privs, skeleton, spool
+from common import cli, conversation, fsguard, hostmatch, lineio, log, privs, skeleton, spool
 from smap import policy, session
 
 USAGE = """usage: smap [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F]] [--version]
@@ -102,33 +102,13 @@ def connection(config, logger, worker=None):
         if not jailed:
             logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
     smtp = session.Session(settings, hooks, peer, "/" if jailed else directory, logger)
-    timeout = config.get("timeout")
-    try:
-        if channel.readable_now():
-            channel.write(smtp.pregreet())
-        else:
-            channel.write(smtp.greeting())
-        # `timeout` bounds a whole command or DATA line, not each read.
-        deadline = lineio.LineDeadline(timeout, smtp.splitter)
-        while not smtp.closed:
-            try:
-                data = deadline.read(channel)
-            except lineio.Timeout:
-                channel.write(smtp.timeout())
-                break
-            except lineio.Closed:
-                smtp.eof()
-                break
-            reply = smtp.feed(data)
-            deadline.fed()
-            if reply:
-                channel.write(reply)
-    except lineio.Closed:
-        smtp.eof()
-    channel.discard_pending()
+    dialogue = conversation.Conversation(channel, smtp, config.get("timeout"),
+                                         detect_pregreet=True)
+    dialogue.run()
+    dialogue.close()
     logger.info("disconnect", host=peer.name_text, addr=peer.addr_text,
-                messages=smtp.messages, bytes_in=channel.bytes_in,
-                bytes_out=channel.bytes_out, duration="%.3f" % (time.monotonic() - started))
+                messages=smtp.messages, bytes_in=dialogue.bytes_in,
+                bytes_out=dialogue.bytes_out, duration="%.3f" % (time.monotonic() - started))
     return 0
 
 
