@@ -29,7 +29,7 @@ import socket
 import time
 
 from common import skeleton
-from common.skeleton import signal_pipe, silence_stderr, set_title
+from common.skeleton import silence_stderr, set_title
 
 
 # A worker's state, as the parent sees it.
@@ -118,10 +118,10 @@ class WorkerPool:
         self.stopping = False
         self.pause_until = 0.0
         self.poller = None
-        self.wake = ()
+        self.signals = None
         self.watching = False
 
-    def _on_term(self, signum, frame):
+    def stop(self):
         self.stopping = True
 
     # -- counting ------------------------------------------------------------
@@ -151,15 +151,12 @@ class WorkerPool:
 
     # -- the loop ------------------------------------------------------------
     def run(self):
-        wake_r, wake_w = signal_pipe()
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGINT, self._on_term)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        signal.signal(signal.SIGHUP, lambda signum, frame: None)    # nothing to reload
+        self.signals = skeleton.Signals({
+            signal.SIGTERM: self.stop, signal.SIGINT: self.stop,
+            signal.SIGCHLD: None, signal.SIGHUP: None})     # SIGHUP: nothing to reload
         self.listener.setblocking(False)
-        self.wake = (wake_r, wake_w)
         self.poller = select.epoll()
-        self.poller.register(wake_r, select.EPOLLIN)
+        self.poller.register(self.signals.fileno(), select.EPOLLIN)
         raise_descriptor_limit(self.maxchildren + SPARE_DESCRIPTORS)
         set_title(self.title)
         try:
@@ -177,7 +174,7 @@ class WorkerPool:
                 if self.dispatch(self.poller.poll(timeout)) and not self.stopping:
                     self.take_connections()
         finally:
-            signal.set_wakeup_fd(-1)
+            self.signals.close()
             self.listener.close()   # the port closes now, whoever is still busy
             for slot in self.workers.values():
                 try:
@@ -187,8 +184,6 @@ class WorkerPool:
                 # and should a signal be missed, end of file says the same
                 self.close_control(slot)
             self.poller.close()
-            for fd in self.wake:
-                os.close(fd)
         self.log.info("stop", children=len(self.workers))
 
     def watch_listener(self, wanted):
@@ -204,8 +199,8 @@ class WorkerPool:
         listener_ready = False
         listener_fd = self.listener.fileno()
         for fd, _ in events:
-            if fd == self.wake[0]:
-                _drain(fd)
+            if fd == self.signals.fileno():
+                self.signals.drain()
             elif fd == listener_fd:
                 listener_ready = True
             else:
@@ -384,8 +379,7 @@ class WorkerPool:
         parent_end.close()
         self.listener.close()
         self.poller.close()
-        for fd in self.wake:
-            os.close(fd)
+        self.signals.close_in_child()
         for slot in self.workers.values():
             if slot.control is not None:
                 slot.control.close()
@@ -409,9 +403,7 @@ class WorkerPool:
             state["stop"] = True        # busy: finish this connection, take no other
         signal.signal(signal.SIGTERM, on_term)
         self.shed(control, parent_end)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
+        skeleton.release_client()
         silence_stderr()
 
         def tell(message):
@@ -439,9 +431,7 @@ class WorkerPool:
                     return 0            # end of file: retired, or the parent stopped or died
                 state["busy"] = True
                 served += 1
-                os.dup2(fd, 0)
-                os.dup2(fd, 1)
-                os.close(fd)
+                skeleton.take_client(fd)
                 try:
                     if worker.ready:
                         result = worker.handle()
@@ -450,8 +440,7 @@ class WorkerPool:
                         result = NOT_READY
                 finally:
                     # The connection ends here, whatever happened in it.
-                    os.dup2(devnull, 0)
-                    os.dup2(devnull, 1)
+                    skeleton.release_client()
                 if result not in (0, None):
                     return result
                 state["busy"] = False
@@ -503,10 +492,3 @@ def _max_fd():
     except (OSError, ValueError):
         return 1 << 16
 
-
-def _drain(fd):
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass

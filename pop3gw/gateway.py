@@ -116,10 +116,9 @@ def standby(context, control):
         pair.cancel()
         return 0
     started = time.monotonic()
-    os.dup2(fds[0], 0)
-    os.dup2(fds[0], 1)
-    for fd in fds:
+    for fd in fds[1:]:
         os.close(fd)
+    skeleton.take_client(fds[0])
     # From here exactly the inetd path, with the pair already made.
     peer = admit(context)
     if peer is None:
@@ -188,10 +187,7 @@ class SessionPair:
             self.cancel()
             return 1
         # The monitor gives up the client's connection: it ends with the child.
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        os.close(devnull)
+        skeleton.release_client()
         skeleton.set_title("pop3-gw: monitor %s" % peer.addr_text)
         keeper = authority.Authority(context.database, timestamp, config.get("maxbad"),
                                      config.get("badsleep"), logger, source=peer.addr)
@@ -366,9 +362,7 @@ def jailed_child(config, logger, settings, link_socket):
         for fd in fds:
             os.close(fd)
         return 0
-    os.dup2(fds[0], 0)
-    os.dup2(fds[0], 1)
-    os.close(fds[0])
+    skeleton.take_client(fds[0])
     _, timestamp, addr, name, spoofed, started = words
     name = urllib.parse.unquote(name)
     peer = hostmatch.Peer(None if addr == "-" else addr, None if name == "-" else name,

@@ -58,12 +58,10 @@ class Server(skeleton.Daemon):
     STANDBY_IDLE = 2.0
 
     def __init__(self, listener, context, options, **kwargs):
-        # no per-connection handler: accept_one passes every connection to a standby
-        super().__init__(listener, None, context.logger,
+        super().__init__(listener, context.logger,
                          context.config.get("maxchildren"), on_reload=self.reload_all, **kwargs)
         self.context, self.options = context, options
         self.standby = None
-        self.wake = None
 
     def reload_all(self):
         config = netperm.load(self.options.config, PROGRAM)
@@ -101,7 +99,7 @@ class Server(skeleton.Daemon):
     def make_standby(self, connection=None):
         """Fork the next standby (`connection`: the socket the daemon holds
         now, which the standby must not keep: it gets it passed like any other)."""
-        if self.wake is None or self.stopping or len(self.children) >= self.maxchildren:
+        if self.signals is None or self.stopping or len(self.children) >= self.maxchildren:
             return
         ours, theirs = socket.socketpair()
         try:
@@ -119,23 +117,18 @@ class Server(skeleton.Daemon):
 
         def child():
             skeleton.reset_child_signals()
-            for fd in self.wake:
-                os.close(fd)
+            self.signals.close_in_child()
             self.listener.close()
             ours.close()
             if connection is not None:
                 connection.close()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(devnull, 1)
-            os.close(devnull)
+            skeleton.release_client()
             skeleton.silence_stderr()
             skeleton.set_title("pop3-gw: standby")
             return gateway.standby(self.context, theirs)
         skeleton.run_child(child)
 
-    def accept_one(self, wake_r, wake_w):
-        self.wake = (wake_r, wake_w)
+    def accept_one(self):
         conn = skeleton.accept(self.listener, self.log)
         if conn is None:
             return
