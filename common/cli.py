@@ -158,11 +158,22 @@ def _is_address(text, family):
     return True
 
 
+TLS_ATTRIBUTES = ("tls-cert", "tls-key", "mailhub-tls", "mailhub-ca", "server-tls", "server-ca")
+
+
 def check_table(config, stream):
-    """The -n/--check report: problems as FILE:LINE: message; exit status."""
+    """The -n/--check report: problems as FILE:LINE: message; exit status.
+    The TLS files the table names are opened as start-up would open them
+    (common.tls, imported only when the table names one)."""
     for problem in config.problems:
         stream.write("%s\n" % problem)
-    return 1 if config.errors else 0
+    tls_problems = []
+    if any(config.has(name) for name in TLS_ATTRIBUTES if name in config.declared):
+        from common import tls
+        tls_problems = tls.check_config(config)
+    for problem in tls_problems:
+        stream.write("%s\n" % problem)
+    return 1 if config.errors or tls_problems else 0
 
 
 def load_or_die(options, program, stream):

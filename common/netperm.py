@@ -171,6 +171,11 @@ def convert(param, args):
         if lowered in ("no", "off", "false", "0"):
             return False
         raise ValueError("%r is not yes or no" % word)
+    if kind == "choice":
+        for choice in param.choices:
+            if word.lower() == choice.lower():
+                return choice
+        raise ValueError("%r is not one of %s" % (word, ", ".join(param.choices)))
     if kind == "hostport":
         if word.lower() == "none":
             return None

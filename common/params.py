@@ -15,12 +15,13 @@ class Param:
     _replace) without importing `collections`, which smap would otherwise pay
     for at every start under inetd."""
 
-    __slots__ = ("name", "programs", "kind", "default", "low", "high", "doc")
+    __slots__ = ("name", "programs", "kind", "default", "low", "high", "doc", "choices")
     _fields = __slots__
 
-    def __init__(self, name, programs, kind, default, low, high, doc):
+    def __init__(self, name, programs, kind, default, low, high, doc, choices=None):
         self.name, self.programs, self.kind = name, programs, kind
         self.default, self.low, self.high, self.doc = default, low, high, doc
+        self.choices = choices          # kind "choice": the allowed words, in order
 
     def __iter__(self):
         return iter(tuple(getattr(self, field) for field in self._fields))
@@ -52,6 +53,7 @@ ALL = (SMAP, SMAPD, POP3GW, AUTHMGR)
 #   patterns one or more host patterns
 #   bool     yes/no, on/off, true/false
 #   facility a syslog facility name
+#   choice   one of the words in `choices` (case-insensitive; the value as declared)
 _DECLARED = [
     Param("userid", (SMAP, SMAPD), "user", "uucp", None, None,
           "user the program runs as after start-up"),
@@ -67,6 +69,17 @@ _DECLARED = [
           "name in the banner and the Received: line (default: the host's FQDN)"),
     Param("timeout", (SMAP,), "int", 300, 1, 86400,
           "idle limit in seconds for a command or a DATA line"),
+    # TLS (issue 13, DESIGN §12.1): the server side of smap and pop3-gw.
+    Param("tls-cert", (SMAP, POP3GW), "path", None, None, None,
+          "PEM certificate, the chain may follow it; with tls-key: smap offers STARTTLS, pop3-gw STLS"),
+    Param("tls-key", (SMAP, POP3GW), "path", None, None, None,
+          "PEM private key, read as root before the jail; refused unless root's alone (0600)"),
+    Param("tls-min-version", (SMAP, POP3GW), "choice", "TLSv1.2", None, None,
+          "lowest TLS version accepted from clients", choices=("TLSv1.2", "TLSv1.3")),
+    Param("require-tls", (SMAP,), "patterns", None, None, None,
+          "client hosts that must STARTTLS before MAIL (530 5.7.0); never for an MX's public side"),
+    Param("require-tls", (POP3GW,), "bool", "no", None, None,
+          "refuse APOP and USER before STLS on a plain connection"),
     Param("maxbytes", (SMAP,), "int", 10485760, 1024, 1073741824,
           "message size limit in octets, advertised with ESMTP SIZE"),
     Param("maxrecip", (SMAP,), "int", 100, 1, 10000,
@@ -99,12 +112,26 @@ _DECLARED = [
           "seconds after which undeliverable mail is bounced"),
     Param("deliver-timeout", (SMAPD,), "int", 600, 1, 86400,
           "time limit in seconds of one MTA run or mail hub transaction"),
+    # TLS to the mail hub (issue 13, DESIGN §12.1), Postfix's smtp_tls_security_level.
+    Param("mailhub-tls", (SMAPD,), "choice", "may", None, None,
+          "TLS to the mail hub: none, may (opportunistic), encrypt (required), verify (required, name checked)",
+          choices=("none", "may", "encrypt", "verify")),
+    Param("mailhub-ca", (SMAPD,), "path", None, None, None,
+          "PEM CA certificates for mailhub-tls verify (default: the system store)"),
     Param("postmaster", (SMAPD,), "name", "postmaster", None, None,
           "who hears about quarantined mail and double bounces"),
     Param("shorten-domain", (SMAPD,), "words", None, None, None,
           "rewrite user@host.DOMAIN to user@DOMAIN in From/Sender/Reply-To/Cc"),
     Param("server", (POP3GW,), "hostport", None, None, None,
           "POP3 server used when the user gives no %server"),
+    # TLS to the inside POP3 server (issue 13, DESIGN §12.1).
+    Param("server-tls", (POP3GW,), "choice", "none", None, None,
+          "TLS to the inside POP3 server: none, stls (STARTTLS on its port) or implicit (POP3S)",
+          choices=("none", "stls", "implicit")),
+    Param("server-ca", (POP3GW,), "path", None, None, None,
+          "PEM CA certificates the inside server's certificate must chain to (default: the system store)"),
+    Param("server-tls-verify", (POP3GW,), "bool", "yes", None, None,
+          "verify the inside server's certificate and that it names the server's host"),
     Param("authfile", (POP3GW, AUTHMGR), "path", "/etc/mailwall/pop3-auth", None, None,
           "the APOP user database"),
     Param("timeout", (POP3GW,), "int", 600, 1, 86400,

@@ -292,9 +292,16 @@ def _alarm(signum, frame):
     raise HubTimeout()
 
 
-def deliver_hub(hub, helo, sender, recipients, message, timeout):
-    """[(recipient, kind, text)] of one SMTP transaction with the mail hub."""
+def deliver_hub(hub, helo, sender, recipients, message, timeout, hub_tls=None,
+                fields=None, plaintext_retry=False):
+    """[(recipient, kind, text)] of one SMTP transaction with the mail hub.
+    hub_tls: the HubTLS of `mailhub-tls` (None: no STARTTLS); fields, a
+    dict, gets the log fields of the TLS leg (tls=, cipher=, tls_error=);
+    plaintext_retry: at `may`, a failed handshake is retried in clear on a
+    new connection (the message has waited `retry` already, see
+    HubTLS)."""
     host, port = hub
+    fields = {} if fields is None else fields
     def everyone(kind, text):
         return [(r, kind, text) for r in recipients]
     def refusal(code, reply):
@@ -307,6 +314,21 @@ def deliver_hub(hub, helo, sender, recipients, message, timeout):
     try:
         client = smtplib.SMTP(host, port or 25, local_hostname=helo, timeout=timeout)
         client.ehlo_or_helo_if_needed()
+        if hub_tls is not None and hub_tls.level != "none":
+            try:
+                start_hub_tls(client, hub_tls, host, timeout, fields)
+            except HubTLSFailure as failure:
+                fields["tls_error"] = failure.tls_error
+                if not (failure.handshake and hub_tls.level == "may" and plaintext_retry):
+                    return everyone("temp", failure.text)
+                # Postfix's rule at `may`: a message that has waited once
+                # already goes in clear to the same hub, on a new connection.
+                client.close()
+                client = None
+                client = smtplib.SMTP(host, port or 25, local_hostname=helo, timeout=timeout)
+                client.ehlo_or_helo_if_needed()
+                fields["tls"] = "none"
+                fields["tls_fallback"] = "plaintext after a failed handshake"
         options = ["BODY=8BITMIME"] if client.has_extn("8bitmime") else []
         refused = client.sendmail(sender, recipients, message, mail_options=options)
         outcomes = []
@@ -335,6 +357,124 @@ def deliver_hub(hub, helo, sender, recipients, message, timeout):
                 client.close()
 
 
+# -- TLS to the mail hub (mailhub-tls, Postfix's smtp_tls_security_level) --
+
+class HubTLS:
+    """The `mailhub-tls` level and its client context, made once in the agent.
+
+    none: no STARTTLS.  may: STARTTLS when the hub's EHLO offers it, no
+    certificate check; not offered, or refused with a reply, goes on in
+    clear; a failed handshake defers the attempt, and a message that has
+    waited `retry` seconds or more is then sent in clear on a new
+    connection (Postfix's PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE).
+    encrypt: STARTTLS required, no certificate check.  verify: required,
+    and the certificate must chain to mailhub-ca (or the system store) and
+    name the mailhub host.  Whatever cannot meet encrypt or verify is a
+    temporary failure: nothing goes in clear.  A context that could not be
+    made (mailhub-ca unusable) leaves `error` set, and every hub delivery
+    above `none` is then deferred with it."""
+
+    def __init__(self, level, cafile=None):
+        self.level = level
+        self.context = None
+        self.error = None
+        if level == "none":
+            return
+        from common import tls      # ssl only where TLS is configured
+        self.tls = tls
+        try:
+            tls.warm_up()
+            self.context = tls.client_context(level == "verify", cafile)
+        except tls.TLSFileError as err:
+            self.error = str(err)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.get("mailhub-tls") or "none", config.get("mailhub-ca"))
+
+
+class HubTLSFailure(Exception):
+    """The hub cannot meet the level: `text` for the outcome, `tls_error` for
+    the log; `handshake` when the handshake itself failed."""
+
+    def __init__(self, text, tls_error, handshake=False):
+        super().__init__(text)
+        self.text, self.tls_error, self.handshake = text, tls_error, handshake
+
+
+def start_hub_tls(client, hub_tls, host, timeout, fields):
+    """STARTTLS on an smtplib client after its EHLO, at hub_tls.level;
+    returns with the client inside TLS (and a new EHLO done) or in clear
+    where the level allows it; HubTLSFailure otherwise."""
+    level = hub_tls.level
+    required = level in ("encrypt", "verify")
+    if hub_tls.error is not None:
+        raise HubTLSFailure("mailhub-tls %s: %s" % (level, hub_tls.error), hub_tls.error)
+    if not client.has_extn("starttls"):
+        if required:
+            raise HubTLSFailure("TLS is required (mailhub-tls %s), but the mail hub did not "
+                                "offer STARTTLS" % level, "STARTTLS not offered")
+        fields["tls"] = "none"
+        return
+    code, reply = client.docmd("STARTTLS")
+    if code != 220:
+        if required:
+            raise HubTLSFailure("TLS is required (mailhub-tls %s), but the mail hub refused "
+                                "STARTTLS: %d %s" % (level, code, diagnostic(reply)),
+                                "STARTTLS refused: %d" % code)
+        fields["tls"] = "none"
+        return          # Postfix at `may`: go on in clear on this connection
+    # Nothing the hub sent after its 220 and before the handshake may be
+    # used (the STARTTLS injection class): smtplib's reader must be empty.
+    if read_ahead(client):
+        raise HubTLSFailure("the mail hub sent data after its 220 to STARTTLS, before the "
+                            "TLS handshake", "plaintext after 220 to STARTTLS", handshake=True)
+    tls = hub_tls.tls
+    try:
+        client.sock = tls.handshake(client.sock, hub_tls.context, host, timeout)
+    except (OSError, ValueError) as err:      # ssl.SSLError is an OSError
+        client.sock = None
+        text = tls.describe_error(err)
+        raise HubTLSFailure("TLS handshake with the mail hub failed: %s" % text, text,
+                            handshake=True) from None
+    # as smtplib.starttls: forget what the hub said in clear, EHLO again
+    client.file = None
+    client.helo_resp = client.ehlo_resp = None
+    client.esmtp_features = {}
+    client.does_esmtp = False
+    fields.update(tls.session_fields(client.sock))
+    code, reply = client.ehlo()
+    if code != 250:
+        raise HubTLSFailure("the mail hub refused EHLO after STARTTLS: %d %s"
+                            % (code, diagnostic(reply)), "EHLO after STARTTLS refused")
+
+
+def read_ahead(client):
+    """Bytes smtplib's reader holds (or the socket has) now, without waiting."""
+    reader = client.file
+    if reader is None:
+        return b""
+    sock = client.sock
+    previous = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return reader.peek(1) or b""
+    except (BlockingIOError, OSError, ValueError):
+        return b""
+    finally:
+        sock.settimeout(previous)
+
+
+def queued_seconds(fd, now=None):
+    """How long the message of an open spool file has been queued (0 when
+    its envelope cannot be read: no plaintext retry for a doubtful file)."""
+    try:
+        envelope, _, _ = spool.locate(fd)
+        return max(0.0, (time.time() if now is None else now) - envelope["arrival"])
+    except (spool.SpoolError, OSError, KeyError, TypeError):
+        return 0.0
+
+
 # -- the agent process -----------------------------------------------------
 
 class Agent:
@@ -359,6 +499,10 @@ class Agent:
         self.maxwaiting = config.get("maxchildren")
         self.log = log
         self.helo = helo
+        self.retry = config.get("retry")
+        self.hub_tls = HubTLS.from_config(config) if self.hub is not None else None
+        if self.hub_tls is not None and self.hub_tls.error:
+            log.error("mailhub-tls", level=self.hub_tls.level, reason=self.hub_tls.error)
         self.children = {}          # pid -> queue id
         self.waiting = collections.deque()     # (request, fd) for a free slot
 
@@ -484,9 +628,12 @@ class Agent:
         outcomes = []
         if request["hub"]:
             message = b"".join(message_chunks(fd, request, line_feed=False))
+            tls_fields = {}
+            retry_plain = self.retry is not None and queued_seconds(fd) >= self.retry
             outcomes += deliver_hub(self.hub, self.helo, request["sender"], request["hub"],
-                                    message, self.timeout)
-            self.log_outcomes(message_id, "mailhub", outcomes)
+                                    message, self.timeout, self.hub_tls, tls_fields,
+                                    retry_plain)
+            self.log_outcomes(message_id, "mailhub", outcomes, **tls_fields)
         if request["mta"]:
             kind, text = run_mta(self.sendmail, request["sender"], request["mta"],
                                  message_chunks(fd, request, line_feed=True), self.timeout)
@@ -497,11 +644,11 @@ class Agent:
         self.report(message_id, outcomes)
         return 0
 
-    def log_outcomes(self, message_id, via, outcomes):
+    def log_outcomes(self, message_id, via, outcomes, **fields):
         for kind in ("ok", "temp", "perm"):
             group = [(r, t) for r, k, t in outcomes if k == kind]
             if group:
                 event = {"ok": "delivered", "temp": "deferred", "perm": "failed"}[kind]
                 log = self.log.info if kind == "ok" else self.log.notice
                 log(event, id=message_id, via=via,
-                    to=",".join("<%s>" % r for r, _ in group), reason=group[0][1])
+                    to=",".join("<%s>" % r for r, _ in group), reason=group[0][1], **fields)
