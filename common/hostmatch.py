@@ -286,14 +286,17 @@ def list_matches(patterns, addr, name):
 class Destination:
     """Where a session goes: `addr`, the address connected to; `name`, the
     host name the user (or the table's `server`) gave, None for an address
-    literal; `learned`, names the resolver gave for it (its canonical name)."""
+    literal; `learned`, names the resolver gave for it (its canonical name);
+    `user_named`, whether the user chose it (`user%server`) rather than the
+    table."""
 
-    __slots__ = ("addr", "name", "learned")
+    __slots__ = ("addr", "name", "learned", "user_named")
 
-    def __init__(self, addr, name=None, learned=()):
+    def __init__(self, addr, name=None, learned=(), user_named=False):
         self.addr = addr
         self.name = name.lower().rstrip(".") if name else None
         self.learned = [n.lower().rstrip(".") for n in learned if n]
+        self.user_named = user_named
 
     @classmethod
     def of_text(cls, text):
@@ -309,16 +312,38 @@ def dest_matches(patterns, dest):
     a denied address is denied whatever the name, and a denied name whatever
     the address); otherwise a pattern must hit the address or the typed
     name.  A learned name can only refuse: it comes from the DNS, and who
-    controls a name's DNS must not be able to earn it a permit."""
-    verdicts = [first_hit(patterns, dest.addr, None)] if dest.addr else []
+    controls a name's DNS must not be able to earn it a permit.
+
+    For the same reason a name the user typed (`user%name`) earns a permit
+    only for a global address: whoever controls the DNS of a permitted
+    domain (`-dest *.partner.example`) could otherwise point it at a
+    loopback, private or link-local address and reach the site's inside
+    servers through the gateway.  Such an address is reached only when an
+    address pattern of the list permits it (`-dest 10.1.2.0/24`)."""
+    address_verdict = first_hit(patterns, dest.addr, None) if dest.addr else None
+    verdicts = [address_verdict] if dest.addr else []
     if dest.name:
         verdicts.append(first_hit(patterns, None, dest.name))
     learned = [first_hit(patterns, None, name) for name in dest.learned]
     if False in verdicts or False in learned:
         return False
+    if address_verdict is None and dest.user_named and dest.addr and not is_global(dest.addr):
+        return False
     if True in verdicts:
         return True
     return bool(patterns) and all(p.negated for p in patterns)
+
+
+def is_global(addr):
+    """Whether an address (canonical text) is a global unicast one: not
+    loopback, private (RFC 1918, fc00::/7), shared (100.64.0.0/10),
+    link-local, multicast, documentation or otherwise reserved."""
+    import ipaddress    # pop3-gw's monitor only: smap under inetd never judges a -dest
+    try:
+        address = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return address.is_global and not address.is_multicast
 
 
 def words_match(words, value):

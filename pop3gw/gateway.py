@@ -255,7 +255,7 @@ class Router:
                 reason = reason or problem
                 continue
             permitted, rule = hostmatch.decide(
-                rules, peer, hostmatch.Destination(address, name, learned), user)
+                rules, peer, hostmatch.Destination(address, name, learned, word != "-"), user)
             if permitted:
                 passed.append(address)
                 permit_rule = permit_rule or rule

@@ -253,7 +253,7 @@ def test_a_host_name_server_resolves_though_the_child_is_jailed(shared_dir, dove
     # both the configured server and a %server are names: the jailed child
     # cannot read /etc/hosts, so this works only if the monitor resolves
     setup = helpers.Setup(shared_dir / "gw", "localhost:%d" % dovecot.port, rules=(
-        "permit-hosts 127.0.0.1 -dest localhost *.invalid",
+        "permit-hosts 127.0.0.1 -dest localhost 127.0.0.1 *.invalid",
         "permit-hosts 127.0.0.1"))
     try:
         with helpers.Daemon(setup) as daemon:

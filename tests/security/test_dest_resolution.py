@@ -90,3 +90,37 @@ def test_a_permitted_destination_still_works_end_to_end(guarded):
     setup.log.wait_for(r"permit .*user=alice dest=127.0.0.2:%d" % second.port)
     assert "Login: user=<alice>" in second.read_log()
     assert "Login: user=<alice>" not in dovecot.read_log()
+
+
+@pytest.fixture
+def name_permit(shared_dir, dovecot, second):
+    # the rule a site writes for a partner: every host of a domain, by name
+    setup = helpers.Setup(shared_dir / "gw", "127.0.0.2:%d" % second.port, rules=(
+        "permit-hosts 127.0.0.1 -dest local* -user alice",))
+    try:
+        with helpers.Daemon(setup) as daemon:
+            yield setup, daemon, dovecot
+    finally:
+        setup.log.close()
+
+
+def test_a_name_permit_does_not_reach_an_inside_address(name_permit):
+    """Review finding after issue 11: `-dest *.partner.example` permitted
+    every address the partner's DNS gave, loopback and private ones
+    included.  Here the permitted name `localhost` resolves to 127.0.0.1,
+    where a real Dovecot listens: the login is refused and that Dovecot
+    never sees a connection from the gateway."""
+    setup, daemon, dovecot = name_permit
+    for spelling in ("localhost", "LOCALHOST", "localhost."):
+        reply, client = login(daemon, "alice%%%s:%d" % (spelling, dovecot.port))
+        assert reply.startswith(b"-ERR "), (spelling, reply)
+        client.close()
+    setup.log.wait_for(r"deny .*user=alice dest=localhost:%d .*addresses=127.0.0.1" % dovecot.port)
+    with socket.create_connection(("127.0.0.1", dovecot.port), timeout=10,
+                                  source_address=(MARKER, 0)) as direct:
+        direct.recv(512)
+        direct.sendall(b"QUIT\r\n")
+        direct.recv(512)
+    realpeers.wait_until(lambda: MARKER in remote_addresses(dovecot.read_log()), 15,
+                         what="the marker connection in Dovecot's log")
+    assert remote_addresses(dovecot.read_log()) == {MARKER}, dovecot.read_log()

@@ -85,6 +85,17 @@ NAMES = {
     "compat.example": (["::7f00:1"], []),
     "alias.example": (["192.0.2.7"], ["pop.evil.example"]),
     "mail.example": (["192.0.2.25"], []),
+    # a partner whose DNS is hostile (or taken over): its names point inside
+    "pop.partner.example": (["198.51.100.7"], []),          # documentation range: not global
+    "www.partner.example": (["8.8.4.4"], []),
+    "in.partner.example": (["10.1.2.3"], []),
+    "lo.partner.example": (["127.0.0.1"], []),
+    "ll.partner.example": (["169.254.169.254"], []),
+    "cg.partner.example": (["100.64.0.9"], []),
+    "v6lo.partner.example": (["::1"], []),
+    "ula.partner.example": (["fd00::25"], []),
+    "v6.partner.example": (["2a00:1450:4001:80b::200e"], []),
+    "mix.partner.example": (["10.1.2.3", "8.8.4.4"], []),
 }
 
 
@@ -159,3 +170,41 @@ def test_a_pattern_that_spells_an_address_oddly_is_a_table_error(pattern):
     # `-dest !127.1 *` would deny nothing: no address is ever written so
     with pytest.raises(hostmatch.PatternError):
         hostmatch.Pattern(pattern)
+
+
+@pytest.mark.parametrize("host", ["in.partner.example", "lo.partner.example",
+                                  "ll.partner.example", "cg.partner.example",
+                                  "v6lo.partner.example", "ula.partner.example",
+                                  "pop.partner.example"])
+def test_a_name_permit_never_reaches_an_inside_address(host):
+    # Review finding: `-dest *.partner.example` permitted whatever the
+    # partner's DNS said, so a hostile DNS reached the site's inside servers.
+    route, log = router("permit-hosts * -dest *.partner.example")
+    assert route("alice", host + ":110")[0] == "denied"
+    assert log.named("deny")[0]["addresses"]
+    assert not log.named("permit")
+
+
+def test_a_name_permit_still_reaches_global_addresses_and_only_those():
+    route, log = router("permit-hosts * -dest *.partner.example")
+    assert route("alice", "www.partner.example:110") == ("ok", (110, ["8.8.4.4"]))
+    assert route("alice", "v6.partner.example:995") == (
+        "ok", (995, ["2a00:1450:4001:80b::200e"]))
+    assert route("alice", "mix.partner.example:110") == ("ok", (110, ["8.8.4.4"]))
+    assert log.named("permit")[-1]["refused"] == "10.1.2.3"
+
+
+def test_an_inside_address_needs_an_address_pattern():
+    route, _ = router("permit-hosts * -dest *.partner.example 10.1.2.0/24")
+    assert route("alice", "in.partner.example:110") == ("ok", (110, ["10.1.2.3"]))
+    assert route("alice", "lo.partner.example:110")[0] == "denied"
+    route, _ = router("permit-hosts * -dest 127.0.0.1")
+    assert route("alice", "lo.partner.example:110") == ("ok", (110, ["127.0.0.1"]))
+
+
+def test_the_configured_server_by_name_is_the_tables_choice():
+    # the table's own `server` is an inside host by name as a rule: the
+    # site chose it, no user did
+    route, _ = router("permit-hosts * -dest in.partner.example", server=("in.partner.example", 110))
+    assert route("alice", "-") == ("ok", (110, ["10.1.2.3"]))
+    assert route("alice", "in.partner.example:110")[0] == "denied"
