@@ -77,11 +77,12 @@ class _Slot:
     socketpair (None once closed), its state, the connections it was given
     and since when it is in its state."""
 
-    __slots__ = ("pid", "control", "state", "served", "since")
+    __slots__ = ("pid", "control", "state", "served", "since", "generation")
 
-    def __init__(self, pid, control):
+    def __init__(self, pid, control, generation=0):
         self.pid, self.control = pid, control
         self.state, self.served, self.since = STARTING, 0, time.monotonic()
+        self.generation = generation    # the reloads (SIGHUP) before its fork
 
 
 class WorkerPool:
@@ -101,8 +102,14 @@ class WorkerPool:
     """
 
     def __init__(self, listener, prepare, log, maxchildren, maxuse, busy_reply=b"",
-                 title="daemon", idle_title="idle", spare=1):
+                 title="daemon", idle_title="idle", spare=1, on_reload=None):
         self.listener = listener
+        # SIGHUP: on_reload() in the parent (smap: new certificates), then
+        # every worker forked before it is retired: idle ones at once, busy
+        # ones when their connection is over (nothing in progress is cut).
+        self.on_reload = on_reload
+        self.reload_asked = False
+        self.generation = 0
         self.prepare = prepare
         self.log = log
         self.maxchildren = maxchildren
@@ -123,6 +130,19 @@ class WorkerPool:
 
     def stop(self):
         self.stopping = True
+
+    def ask_reload(self):
+        self.reload_asked = True
+
+    def reload(self):
+        """SIGHUP: the caller's on_reload(), then a new generation of workers
+        (forked from the parent as it is now); the old ones are retired."""
+        self.reload_asked = False
+        if self.on_reload is not None:
+            self.on_reload()
+        self.generation += 1
+        for slot in list(self.idle_slots.values()):
+            self.retire(slot)
 
     # -- counting ------------------------------------------------------------
     def active(self):
@@ -153,7 +173,7 @@ class WorkerPool:
     def run(self):
         self.signals = skeleton.Signals({
             signal.SIGTERM: self.stop, signal.SIGINT: self.stop,
-            signal.SIGCHLD: None, signal.SIGHUP: None})     # SIGHUP: nothing to reload
+            signal.SIGCHLD: None, signal.SIGHUP: self.ask_reload})
         self.listener.setblocking(False)
         self.poller = select.epoll()
         self.poller.register(self.signals.fileno(), select.EPOLLIN)
@@ -162,6 +182,8 @@ class WorkerPool:
         try:
             while not self.stopping:
                 self.reap()
+                if self.reload_asked:
+                    self.reload()
                 now = time.monotonic()
                 self.retire_idle(now)
                 while (self.active() < self.maxchildren and self.spares() < self.spare
@@ -273,7 +295,7 @@ class WorkerPool:
             self.end(slot)
             return
         if message == READY and slot.state in (STARTING, BUSY):
-            if slot.served >= self.maxuse:
+            if slot.served >= self.maxuse or slot.generation != self.generation:
                 self.retire(slot)               # maxuse is the parent's to count
             else:
                 self.set_state(slot, IDLE)
@@ -363,7 +385,7 @@ class WorkerPool:
             skeleton.run_child(lambda: self.worker_main(theirs, ours))
         theirs.close()
         ours.setblocking(False)
-        slot = _Slot(pid, ours)
+        slot = _Slot(pid, ours, self.generation)
         self.workers[pid] = slot
         self.by_control[ours.fileno()] = slot
         self.counts[STARTING] += 1
