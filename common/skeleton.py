@@ -255,8 +255,10 @@ class Daemon:
     accepts there and decides who serves the connection."""
 
     def __init__(self, listener, log, maxchildren, busy_reply=b"",
-                 on_reload=None, title="daemon"):
+                 on_reload=None, title="daemon", more_listeners=()):
         self.listener = listener
+        # pop3-gw: --daemon and --tls-daemon in one process; accept_one(listener)
+        self.listeners = [listener] + list(more_listeners)
         self.log = log
         self.maxchildren = maxchildren
         self.busy_reply = busy_reply
@@ -290,19 +292,21 @@ class Daemon:
                     if self.on_reload:
                         self.on_reload()
                 try:
-                    ready, _, _ = select.select([self.listener, self.signals], [], [], 5.0)
+                    ready, _, _ = select.select(self.listeners + [self.signals], [], [], 5.0)
                 except InterruptedError:
                     continue
                 if self.signals in ready:
                     self.signals.drain()
-                if self.listener in ready and not self.stopping:
-                    self.accept_one()
+                for listener in self.listeners:
+                    if listener in ready and not self.stopping:
+                        self.accept_one(listener)
         finally:
             self.signals.close()
-            self.listener.close()
+            for listener in self.listeners:
+                listener.close()
         self.log.info("stop", children=len(self.children))
 
-    def accept_one(self):
+    def accept_one(self, listener):
         raise NotImplementedError
 
 
