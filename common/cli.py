@@ -56,8 +56,8 @@ def inetd_mode(argv):
     """Whether argv means inetd mode (no --daemon, no one-shot option).  It is
     decided before the options are parsed, so that fd 2, the client's socket,
     is silenced before anything can fail and write to it."""
-    return not any(a == "--daemon" or a.startswith("--daemon=") for a in argv) \
-        and not ONE_SHOT & set(argv)
+    return not any(a in ("--daemon", "--tls-daemon") or a.startswith(("--daemon=", "--tls-daemon="))
+                   for a in argv) and not ONE_SHOT & set(argv)
 
 
 def parse(argv, usage, short="", long=(), with_daemon=False):

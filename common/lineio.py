@@ -4,8 +4,9 @@
 CRLF ends a line; a bare CR or bare LF is reported, never treated as an end
 of line (SMTP smuggling).  A line longer than its limit is reported once and
 then skipped up to its CRLF, so a client cannot make the buffer grow.
-`Channel` reads and writes a descriptor (socket or pipe, as inetd and
-`swaks --pipe` hand them) with an idle deadline.
+`Channel` is the plain transport of common.conversation: it reads and
+writes a descriptor (socket or pipe, as inetd and `swaks --pipe` hand
+them) with an idle deadline.
 """
 
 import errno
@@ -183,7 +184,8 @@ class LineDeadline:
 
 
 class Channel:
-    """A client connection on two descriptors (they are the same socket under inetd)."""
+    """A client connection on two descriptors (they are the same socket
+    under inetd): the plain transport (common.conversation)."""
 
     def __init__(self, read_fd=0, write_fd=1):
         self.read_fd = read_fd
@@ -192,6 +194,14 @@ class Channel:
         self.bytes_out = 0
         self.poller = select.poll()
         self.poller.register(read_fd, select.POLLIN | select.POLLPRI)
+
+    def fileno(self):
+        return self.read_fd
+
+    def buffered(self):
+        """Bytes read from the descriptor but not yet returned by read():
+        none, read() returns all it reads (a TLS transport may hold some)."""
+        return 0
 
     def readable_now(self):
         """Whether input is already waiting (used to catch talk before the banner)."""

@@ -117,15 +117,81 @@ def listen(host, port, backlog=128, name=None):
     return listener
 
 
-def signal_pipe():
-    """(read fd, write fd) of a non-blocking pipe that every signal writes to
-    (signal.set_wakeup_fd), so a select() loop wakes at once on a signal."""
-    import signal
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_read, False)
-    os.set_blocking(wake_write, False)
-    signal.set_wakeup_fd(wake_write)
-    return wake_read, wake_write
+class Signals:
+    """The signals a long-lived poll/select loop answers, one helper for
+    every such loop (the pop3-gw and smap daemons, smapd's scanner and
+    agent).  `handlers`: {signal number: a function of no arguments, None
+    to do nothing but wake the loop, or signal.SIG_IGN}.  Every caught
+    signal also writes to a non-blocking pipe (signal.set_wakeup_fd) whose
+    read end, fileno(), the loop watches, so that it wakes at once instead
+    of at its next timeout; drain() empties that pipe.  SIGCHLD with None
+    wakes a loop that reaps (reap_children)."""
+
+    def __init__(self, handlers):
+        import signal
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        signal.set_wakeup_fd(self.write_fd)
+        for signum, handler in handlers.items():
+            signal.signal(signum, _signal_handler(handler))
+
+    def fileno(self):
+        return self.read_fd
+
+    def drain(self):
+        drain(self.read_fd)
+
+    def close(self):
+        """The loop is over: no wakeup fd any more, the pipe closed."""
+        import signal
+        signal.set_wakeup_fd(-1)
+        self.close_in_child()
+
+    def close_in_child(self):
+        """In a forked child (after reset_child_signals): the pipe closed."""
+        for fd in (self.read_fd, self.write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _signal_handler(handler):
+    if handler is None:
+        return lambda signum, frame: None
+    if not callable(handler) or isinstance(handler, int):
+        return handler              # signal.SIG_IGN or SIG_DFL
+    return lambda signum, frame: handler()
+
+
+def drain(fd):
+    """Read and drop everything a non-blocking descriptor holds now (a
+    signal pipe, smapd's trigger FIFO); never waits."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def take_client(fd):
+    """Make fd the connection on fds 0 and 1 (inetd's layout), then close fd."""
+    os.dup2(fd, 0)
+    os.dup2(fd, 1)
+    if fd > 1:
+        os.close(fd)
+
+
+def release_client():
+    """Point fds 0 and 1 at /dev/null: this process is done with its
+    client's connection (or never had one), and whatever still writes or
+    reads there must not reach a client or block."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    if devnull > 1:
+        os.close(devnull)
 
 
 def accept(listener, log):
@@ -187,12 +253,17 @@ def run_child(body):
 
 
 class Daemon:
-    """The forking accept loop."""
+    """A forking accept loop (pop3-gw's --daemon): run() answers SIGTERM and
+    SIGINT (stop accepting), SIGHUP (the program's reload hook) and SIGCHLD
+    (reap: `children` are the pids it counts against `maxchildren`), and
+    calls accept_one() whenever the listener is readable; the subclass
+    accepts there and decides who serves the connection."""
 
-    def __init__(self, listener, handle, log, maxchildren, busy_reply=b"",
-                 on_reload=None, title="daemon"):
+    def __init__(self, listener, log, maxchildren, busy_reply=b"",
+                 on_reload=None, title="daemon", more_listeners=()):
         self.listener = listener
-        self.handle = handle            # called in the child with the connection on fd 0/1
+        # pop3-gw: --daemon and --tls-daemon in one process; accept_one(listener)
+        self.listeners = [listener] + list(more_listeners)
         self.log = log
         self.maxchildren = maxchildren
         self.busy_reply = busy_reply
@@ -201,11 +272,12 @@ class Daemon:
         self.children = set()
         self.stopping = False
         self.reload = False
+        self.signals = None
 
-    def _on_term(self, signum, frame):
+    def stop(self):
         self.stopping = True
 
-    def _on_hup(self, signum, frame):
+    def ask_reload(self):
         self.reload = True
 
     def reap(self):
@@ -214,11 +286,8 @@ class Daemon:
 
     def run(self):
         import signal
-        wake_r, wake_w = signal_pipe()
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGINT, self._on_term)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.signals = Signals({signal.SIGTERM: self.stop, signal.SIGINT: self.stop,
+                                signal.SIGHUP: self.ask_reload, signal.SIGCHLD: None})
         set_title(self.title)
         try:
             while not self.stopping:
@@ -228,52 +297,22 @@ class Daemon:
                     if self.on_reload:
                         self.on_reload()
                 try:
-                    ready, _, _ = select.select([self.listener, wake_r], [], [], 5.0)
+                    ready, _, _ = select.select(self.listeners + [self.signals], [], [], 5.0)
                 except InterruptedError:
                     continue
-                if wake_r in ready:
-                    try:
-                        while os.read(wake_r, 512):
-                            pass
-                    except BlockingIOError:
-                        pass
-                if self.listener in ready and not self.stopping:
-                    self.accept_one(wake_r, wake_w)
+                if self.signals in ready:
+                    self.signals.drain()
+                for listener in self.listeners:
+                    if listener in ready and not self.stopping:
+                        self.accept_one(listener)
         finally:
-            signal.set_wakeup_fd(-1)
-            self.listener.close()
-            os.close(wake_r)
-            os.close(wake_w)
+            self.signals.close()
+            for listener in self.listeners:
+                listener.close()
         self.log.info("stop", children=len(self.children))
 
-    def accept_one(self, wake_r, wake_w):
-        conn = accept(self.listener, self.log)
-        if conn is None:
-            return
-        if len(self.children) >= self.maxchildren:
-            self.reap()         # a child that just ended still counts until reaped
-        if len(self.children) >= self.maxchildren:
-            self.log.warning("busy", children=len(self.children), reason="maxchildren reached")
-            refuse(conn, self.busy_reply)
-            return
-        pid = os.fork()
-        if pid:
-            self.children.add(pid)
-            conn.close()
-            return
-
-        def child():
-            # exactly the inetd-mode path from here on
-            reset_child_signals()
-            os.close(wake_r)
-            os.close(wake_w)
-            self.listener.close()
-            os.dup2(conn.fileno(), 0)
-            os.dup2(conn.fileno(), 1)
-            conn.close()
-            silence_stderr()
-            return self.handle()
-        run_child(child)
+    def accept_one(self, listener):
+        raise NotImplementedError
 
 
 # Set by daemonize: stderr is /dev/null from then on, so cli.program logs a

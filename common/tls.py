@@ -370,3 +370,105 @@ def describe_error(err):
         text = str(err) or type(err).__name__
     text = "".join(c if c.isprintable() and c.isascii() else "?" for c in str(text))
     return " ".join(text.split())[:MAX_ERROR] or type(err).__name__
+
+
+# -- the server side's transport (smap STARTTLS, pop3-gw STLS and POP3S) ------
+
+def server_handshake(context, fd, timeout):
+    """The SSLSocket of a server handshake with the client on descriptor fd
+    (a dup of it: fd itself stays open), bounded by timeout seconds for the
+    whole handshake; ssl.SSLError or OSError (TimeoutError) on failure, the
+    dup then closed.  The socket is left with no timeout set."""
+    import socket
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.settimeout(timeout)
+        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        # CPython's do_handshake keeps one deadline for its whole call (not
+        # one per read), so a client dripping bytes is bounded by timeout too.
+        tls.do_handshake()
+        tls.settimeout(None)
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+class ServerTransport:
+    """The transport of common.conversation over an established server-side
+    SSLSocket: read(timeout), write(data, timeout), readable_now(),
+    discard_pending(), fileno(), buffered() (ssl pending(): record bytes
+    decrypted but not yet returned), bytes_in / bytes_out (plaintext, what
+    the session saw), and `fields` for the log (tls=, cipher=)."""
+
+    READ_SIZE = 65536
+
+    def __init__(self, tls_socket):
+        self.sock = tls_socket
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.fields = session_fields(tls_socket)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def buffered(self):
+        return self.sock.pending()
+
+    def readable_now(self):
+        if self.sock.pending():
+            return True
+        import select
+        return bool(select.select([self.sock.fileno()], [], [], 0)[0])
+
+    def read(self, timeout):
+        """Up to READ_SIZE bytes; lineio.Timeout, lineio.Closed at end of file
+        or on a TLS error (the peer's record is never trusted further)."""
+        from common import lineio
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(self.READ_SIZE)
+        except (TimeoutError, ssl.SSLWantReadError):
+            raise lineio.Timeout() from None
+        except ssl.SSLZeroReturnError:
+            raise lineio.Closed() from None
+        except (ssl.SSLError, OSError):
+            raise lineio.Closed() from None
+        if not data:
+            raise lineio.Closed()
+        self.bytes_in += len(data)
+        return data
+
+    def write(self, data, timeout=60):
+        """All of data, each wait bounded by timeout; lineio.Closed."""
+        from common import lineio
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(data)
+        except (ssl.SSLError, OSError):
+            raise lineio.Closed() from None
+        self.bytes_out += len(data)
+
+    def discard_pending(self, limit=65536):
+        """Drop what the client already sent (bounded, never waiting)."""
+        dropped = 0
+        try:
+            self.sock.settimeout(0)
+            while dropped < limit:
+                data = self.sock.recv(min(self.READ_SIZE, limit - dropped))
+                if not data:
+                    return
+                dropped += len(data)
+        except (ssl.SSLError, OSError):
+            return
+
+    def close(self):
+        """Close the TLS socket (the dup of the client's descriptor)."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass

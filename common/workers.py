@@ -29,7 +29,7 @@ import socket
 import time
 
 from common import skeleton
-from common.skeleton import signal_pipe, silence_stderr, set_title
+from common.skeleton import silence_stderr, set_title
 
 
 # A worker's state, as the parent sees it.
@@ -77,11 +77,12 @@ class _Slot:
     socketpair (None once closed), its state, the connections it was given
     and since when it is in its state."""
 
-    __slots__ = ("pid", "control", "state", "served", "since")
+    __slots__ = ("pid", "control", "state", "served", "since", "generation")
 
-    def __init__(self, pid, control):
+    def __init__(self, pid, control, generation=0):
         self.pid, self.control = pid, control
         self.state, self.served, self.since = STARTING, 0, time.monotonic()
+        self.generation = generation    # the reloads (SIGHUP) before its fork
 
 
 class WorkerPool:
@@ -101,8 +102,14 @@ class WorkerPool:
     """
 
     def __init__(self, listener, prepare, log, maxchildren, maxuse, busy_reply=b"",
-                 title="daemon", idle_title="idle", spare=1):
+                 title="daemon", idle_title="idle", spare=1, on_reload=None):
         self.listener = listener
+        # SIGHUP: on_reload() in the parent (smap: new certificates), then
+        # every worker forked before it is retired: idle ones at once, busy
+        # ones when their connection is over (nothing in progress is cut).
+        self.on_reload = on_reload
+        self.reload_asked = False
+        self.generation = 0
         self.prepare = prepare
         self.log = log
         self.maxchildren = maxchildren
@@ -118,11 +125,24 @@ class WorkerPool:
         self.stopping = False
         self.pause_until = 0.0
         self.poller = None
-        self.wake = ()
+        self.signals = None
         self.watching = False
 
-    def _on_term(self, signum, frame):
+    def stop(self):
         self.stopping = True
+
+    def ask_reload(self):
+        self.reload_asked = True
+
+    def reload(self):
+        """SIGHUP: the caller's on_reload(), then a new generation of workers
+        (forked from the parent as it is now); the old ones are retired."""
+        self.reload_asked = False
+        if self.on_reload is not None:
+            self.on_reload()
+        self.generation += 1
+        for slot in list(self.idle_slots.values()):
+            self.retire(slot)
 
     # -- counting ------------------------------------------------------------
     def active(self):
@@ -151,20 +171,19 @@ class WorkerPool:
 
     # -- the loop ------------------------------------------------------------
     def run(self):
-        wake_r, wake_w = signal_pipe()
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGINT, self._on_term)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        signal.signal(signal.SIGHUP, lambda signum, frame: None)    # nothing to reload
+        self.signals = skeleton.Signals({
+            signal.SIGTERM: self.stop, signal.SIGINT: self.stop,
+            signal.SIGCHLD: None, signal.SIGHUP: self.ask_reload})
         self.listener.setblocking(False)
-        self.wake = (wake_r, wake_w)
         self.poller = select.epoll()
-        self.poller.register(wake_r, select.EPOLLIN)
+        self.poller.register(self.signals.fileno(), select.EPOLLIN)
         raise_descriptor_limit(self.maxchildren + SPARE_DESCRIPTORS)
         set_title(self.title)
         try:
             while not self.stopping:
                 self.reap()
+                if self.reload_asked:
+                    self.reload()
                 now = time.monotonic()
                 self.retire_idle(now)
                 while (self.active() < self.maxchildren and self.spares() < self.spare
@@ -177,7 +196,7 @@ class WorkerPool:
                 if self.dispatch(self.poller.poll(timeout)) and not self.stopping:
                     self.take_connections()
         finally:
-            signal.set_wakeup_fd(-1)
+            self.signals.close()
             self.listener.close()   # the port closes now, whoever is still busy
             for slot in self.workers.values():
                 try:
@@ -187,8 +206,6 @@ class WorkerPool:
                 # and should a signal be missed, end of file says the same
                 self.close_control(slot)
             self.poller.close()
-            for fd in self.wake:
-                os.close(fd)
         self.log.info("stop", children=len(self.workers))
 
     def watch_listener(self, wanted):
@@ -204,8 +221,8 @@ class WorkerPool:
         listener_ready = False
         listener_fd = self.listener.fileno()
         for fd, _ in events:
-            if fd == self.wake[0]:
-                _drain(fd)
+            if fd == self.signals.fileno():
+                self.signals.drain()
             elif fd == listener_fd:
                 listener_ready = True
             else:
@@ -278,7 +295,7 @@ class WorkerPool:
             self.end(slot)
             return
         if message == READY and slot.state in (STARTING, BUSY):
-            if slot.served >= self.maxuse:
+            if slot.served >= self.maxuse or slot.generation != self.generation:
                 self.retire(slot)               # maxuse is the parent's to count
             else:
                 self.set_state(slot, IDLE)
@@ -368,7 +385,7 @@ class WorkerPool:
             skeleton.run_child(lambda: self.worker_main(theirs, ours))
         theirs.close()
         ours.setblocking(False)
-        slot = _Slot(pid, ours)
+        slot = _Slot(pid, ours, self.generation)
         self.workers[pid] = slot
         self.by_control[ours.fileno()] = slot
         self.counts[STARTING] += 1
@@ -384,8 +401,7 @@ class WorkerPool:
         parent_end.close()
         self.listener.close()
         self.poller.close()
-        for fd in self.wake:
-            os.close(fd)
+        self.signals.close_in_child()
         for slot in self.workers.values():
             if slot.control is not None:
                 slot.control.close()
@@ -409,9 +425,7 @@ class WorkerPool:
             state["stop"] = True        # busy: finish this connection, take no other
         signal.signal(signal.SIGTERM, on_term)
         self.shed(control, parent_end)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
+        skeleton.release_client()
         silence_stderr()
 
         def tell(message):
@@ -439,9 +453,7 @@ class WorkerPool:
                     return 0            # end of file: retired, or the parent stopped or died
                 state["busy"] = True
                 served += 1
-                os.dup2(fd, 0)
-                os.dup2(fd, 1)
-                os.close(fd)
+                skeleton.take_client(fd)
                 try:
                     if worker.ready:
                         result = worker.handle()
@@ -450,8 +462,7 @@ class WorkerPool:
                         result = NOT_READY
                 finally:
                     # The connection ends here, whatever happened in it.
-                    os.dup2(devnull, 0)
-                    os.dup2(devnull, 1)
+                    skeleton.release_client()
                 if result not in (0, None):
                     return result
                 state["busy"] = False
@@ -503,10 +514,3 @@ def _max_fd():
     except (OSError, ValueError):
         return 1 << 16
 
-
-def _drain(fd):
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass

@@ -31,10 +31,11 @@ child trusts its monitor (root) and nothing else.
 """
 import os
 import socket
+import stat
 import time
 import urllib.parse
 
-from common import apop, fsguard, hostmatch, lineio, privs, proxyproto, skeleton
+from common import apop, conversation, fsguard, hostmatch, lineio, privs, proxyproto, skeleton
 from pop3gw import authority, logins, relay, session, upstream
 
 MAX_ADDRESSES = authority.MAX_ADDRESSES
@@ -57,10 +58,12 @@ def prepare_directory(path, logger):
 
 
 class Context:
-    """What a connection needs from the daemon: table, db, log."""
+    """What a connection needs from the daemon: table, db, log, and the
+    server TLS (common.tls.ServerTLS, loaded) when tls-cert/tls-key are set."""
 
-    def __init__(self, config, database, logger):
+    def __init__(self, config, database, logger, server_tls=None):
         self.config, self.database, self.logger = config, database, logger
+        self.server_tls = server_tls
 
 
 def settings_of(config):
@@ -68,16 +71,19 @@ def settings_of(config):
     server = config.get("server")
     if server is not None and server[1] == 0:
         server = (server[0], session.DEFAULT_PORT)     # `server HOST`: port 110
-    return session.Settings(server, config.get("userpass"), config.rules, hostname)
+    return session.Settings(server, config.get("userpass"), config.rules, hostname,
+                            tls_configured=bool(config.get("tls-cert") and config.get("tls-key")),
+                            require_tls=bool(config.get("require-tls")))
 
 
-def connection(context):
-    """Run one connection on fd 0/1 (inetd mode); returns the exit status."""
+def connection(context, implicit=False):
+    """Run one connection on fd 0/1 (inetd mode; `implicit`: --tls, POP3S);
+    returns the exit status."""
     started = time.monotonic()
     peer = admit(context)
     if peer is None:
         return 0
-    return SessionPair(context).run(peer, started)
+    return SessionPair(context).run(peer, started, implicit)
 
 
 def admit(context, daemon=False):
@@ -141,25 +147,25 @@ def standby(context, control):
     `control` and then exits; end of file there means it is not needed."""
     pair = SessionPair(context, close_in_child=control)
     try:
-        _, fds, _, _ = socket.recv_fds(control, 16, 1)
+        message, fds, _, _ = socket.recv_fds(control, 16, 1)
     except OSError:
-        fds = []
+        message, fds = b"", []
     control.close()
     if not fds:
         pair.cancel()
         return 0
     started = time.monotonic()
-    os.dup2(fds[0], 0)
-    os.dup2(fds[0], 1)
-    for fd in fds:
+    for fd in fds[1:]:
         os.close(fd)
+    skeleton.take_client(fds[0])
     # From here exactly the inetd path, with the pair already made (and
     # the PROXY header of a load balancer read first).
     peer = admit(context, daemon=True)
     if peer is None:
         pair.cancel()
         return 0
-    return pair.run(peer, started)
+    # b"t": the connection came to the --tls-daemon port (implicit TLS)
+    return pair.run(peer, started, implicit=message == b"t")
 
 
 class SessionPair:
@@ -178,6 +184,11 @@ class SessionPair:
         # daemon's may be a dead one to a syslogd restarted since.
         context.logger.close()
         context.logger.connect()
+        # The server TLS context (its key in memory) goes to the jailed child,
+        # which makes the handshake; the monitor drops its copy at once.
+        tls_context = context.server_tls.context if context.server_tls else None
+        if tls_context is not None:
+            from pop3gw import tlsrelay  # noqa: F401  (the child needs it inside the jail)
         monitor_end, child_end = socket.socketpair()
         pid = os.fork()
         if pid == 0:
@@ -186,10 +197,12 @@ class SessionPair:
                 close_in_child.close()      # the daemon's hand-over is for the monitor
             status = 1
             try:
-                status = jailed_child(config, context.logger, self.settings, child_end)
+                status = jailed_child(config, context.logger, self.settings, child_end,
+                                      tls_context)
             finally:
                 os._exit(status)
         child_end.close()
+        context.server_tls = tls_context = None     # the monitor parses no TLS: no key here
         self.pid, self.link = pid, monitor_end
         # Read only now, after the fork: the jailed child never had the secrets
         # in its memory.  Each session reads the file and stats it again before
@@ -203,8 +216,9 @@ class SessionPair:
             os.waitpid(self.pid, 0)
             self.pid = None
 
-    def run(self, peer, started):
-        """The monitor's part of the session of the client on fd 0/1."""
+    def run(self, peer, started, implicit=False):
+        """The monitor's part of the session of the client on fd 0/1
+        (`implicit`: POP3S, the child makes the handshake first)."""
         context = self.context
         config, logger = context.config, context.logger
         if self.pid is None:
@@ -212,9 +226,10 @@ class SessionPair:
             return 1
         timestamp = apop.make_timestamp(self.settings.hostname)
         proxy = getattr(logger, "proxy", None) or "-"     # set by admit: a TaggedLog
-        go = "go %s %s %s %d %.6f %s\n" % (timestamp, peer.addr or "-",
-                                           urllib.parse.quote(peer.name or "-", safe=""),
-                                           peer.spoofed, started, proxy)
+        go = "go %s %s %s %d %.6f %s %s\n" % (timestamp, peer.addr or "-",
+                                              urllib.parse.quote(peer.name or "-", safe=""),
+                                              peer.spoofed, started, proxy,
+                                              "tls" if implicit else "plain")
         try:
             socket.send_fds(self.link, [go.encode("ascii")], [0])
         except OSError:
@@ -223,10 +238,7 @@ class SessionPair:
             self.cancel()
             return 1
         # The monitor gives up the client's connection: it ends with the child.
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        os.close(devnull)
+        skeleton.release_client()
         skeleton.set_title("pop3-gw: monitor %s" % peer.addr_text)
         keeper = authority.Authority(context.database, timestamp, config.get("maxbad"),
                                      config.get("badsleep"), logger, source=peer.addr)
@@ -382,7 +394,7 @@ def linger_close():
 GO_LIMIT = 1024
 
 
-def jailed_child(config, logger, settings, link_socket):
+def jailed_child(config, logger, settings, link_socket, tls_context=None):
     """Jail and drop at once, then wait for the monitor's `go` with the
     client's descriptor (end of file: no client, exit quietly)."""
     uid, gid, _ = privs.user_and_group(config)
@@ -400,14 +412,12 @@ def jailed_child(config, logger, settings, link_socket):
             break
         data += chunk
     words = data.decode("ascii", "replace").split()
-    if len(fds) != 1 or len(words) != 7 or words[0] != "go":
+    if len(fds) != 1 or len(words) != 8 or words[0] != "go" or words[7] not in ("tls", "plain"):
         for fd in fds:
             os.close(fd)
         return 0
-    os.dup2(fds[0], 0)
-    os.dup2(fds[0], 1)
-    os.close(fds[0])
-    _, timestamp, addr, name, spoofed, started, proxy = words
+    skeleton.take_client(fds[0])
+    _, timestamp, addr, name, spoofed, started, proxy, mode = words
     if proxy != "-":
         logger = proxyproto.tagged(logger, proxy)
     name = urllib.parse.unquote(name)
@@ -415,39 +425,57 @@ def jailed_child(config, logger, settings, link_socket):
                           spoofed == "1")
     skeleton.set_title("pop3-gw: %s" % peer.addr_text)
     return jailed_session(config, logger, settings, peer, timestamp, link_socket,
-                          float(started), server_tls)
+                          float(started), server_tls, tls_context, mode == "tls")
+
+
+# How the dialogue before login ended, as the disconnect line says it.
+DIALOGUE_ENDINGS = {
+    conversation.DONE: "client quit",       # logged in: the relay's ending replaces it
+    conversation.CLOSED: "closed before login",
+    conversation.TIMEOUT: "timeout before login",
+    conversation.EOF: "client closed before login",
+    conversation.WRITE_FAILED: "client write failed",
+    conversation.SWITCH_REFUSED: "input after STLS before the handshake",
+    conversation.SWITCH_FAILED: "TLS handshake failed",
+}
 
 
 def jailed_session(config, logger, settings, peer, timestamp, link_socket, started,
-                   server_tls=None):
-    """The client's whole session, jailed: it holds no secret, only the link."""
+                   server_tls=None, tls_context=None, implicit=False):
+    """The client's whole session, jailed: it holds no secret of the auth
+    db, only the link; with TLS it holds the server's TLS key (tls_context)
+    and makes the handshake itself (implicit: before the banner, POP3S)."""
     link = authority.MonitorLink(link_socket)
     channel = lineio.Channel(0, 1)
-    pop = session.Session(settings, peer, link, timestamp, logger)
     timeout = config.get("timeout")
     fields = dict(host=peer.name_text, addr=peer.addr_text)
-    client_bytes = server_bytes = 0
-    ended = "client quit"
-    try:
-        channel.write(pop.greeting())
-        # Before login `timeout` bounds a whole command line, not each read.
-        deadline = lineio.LineDeadline(timeout, pop.splitter)
-        while not pop.closed and pop.login is None:
+    transport, switch = channel, None
+    if tls_context is not None:
+        from common import tls      # imported before the jail (it loaded the key)
+        if implicit:
             try:
-                data = deadline.read(channel)
-            except lineio.Timeout:
-                channel.write(pop.timeout())
-                ended = "timeout before login"
-                break
-            except lineio.Closed:
-                ended = "client closed before login"
-                break
-            reply = pop.feed(data)
-            deadline.fed()
-            if reply:
-                channel.write(reply)
-        if pop.closed and ended == "client quit":
-            ended = "closed before login"
+                transport = tls.ServerTransport(tls.server_handshake(tls_context, 0, timeout))
+            except (OSError, ValueError) as err:
+                logger.notice("tls-fail", tls_error=tls.describe_error(err), **fields)
+                logger.info("disconnect", reason="TLS handshake failed", bytes_in=0,
+                            bytes_out=0, duration="%.3f" % (time.monotonic() - started),
+                            **fields)
+                return 0
+        else:
+            switch = StlsSwitch(tls_context, timeout, logger, fields)
+    elif implicit:
+        logger.error("tls", reason="--tls without tls-cert and tls-key", **fields)
+        return 0
+    pop = session.Session(settings, peer, link, timestamp, logger,
+                          stls=switch is not None and stat.S_ISSOCK(os.fstat(0).st_mode),
+                          tls=getattr(transport, "fields", None))
+    if switch is not None:
+        switch.session = pop
+    client_bytes = server_bytes = 0
+    # Before login `timeout` bounds a whole command line, not each read.
+    dialogue = conversation.Conversation(transport, pop, timeout, switch=switch)
+    ended = DIALOGUE_ENDINGS[dialogue.run(until=lambda: pop.login is not None)]
+    try:
         if pop.login is not None:
             login = pop.login
             fields.update(user=login.user, dest=session.server_text_of(login.host, login.port))
@@ -459,13 +487,18 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
             except upstream.UpstreamError as err:
                 logger.notice("upstream-fail", reason=err.reason, tls_error=err.tls_error,
                               **fields)
-                channel.write(err.reply)
+                dialogue.write(err.reply)
                 ended = "upstream failed"
             else:
                 fields.update(server.tls_fields)
-                logger.info("login", **fields)
-                channel.write(server.reply)
-                result = upstream.relay_session(server, 0, 1, timeout, pop.rest)
+                logger.info("login", **fields, **(pop.tls or {}))
+                dialogue.write(server.reply)
+                if dialogue.transport is channel:
+                    result = upstream.relay_session(server, 0, 1, timeout, pop.rest)
+                else:
+                    from pop3gw import tlsrelay
+                    result = tlsrelay.relay(dialogue.transport.sock, server.sock, timeout,
+                                            pop.rest, server.rest)
                 server.sock.close()
                 client_bytes, server_bytes, ended = (result.client_bytes,
                                                      result.server_bytes, result.ended)
@@ -473,7 +506,29 @@ def jailed_session(config, logger, settings, peer, timestamp, link_socket, start
         ended = "client write failed"
     linger_close()
     logger.info("disconnect", reason=ended,
-                bytes_in=channel.bytes_in + client_bytes,
-                bytes_out=channel.bytes_out + server_bytes,
-                duration="%.3f" % (time.monotonic() - started), **fields)
+                bytes_in=dialogue.bytes_in + client_bytes,
+                bytes_out=dialogue.bytes_out + server_bytes,
+                duration="%.3f" % (time.monotonic() - started), **fields, **(pop.tls or {}))
     return 0
+
+
+class StlsSwitch:
+    """The Conversation's switch for STLS: the handshake on fd 0, bounded
+    by timeout; a failure is logged with tls_error= and ends the session.
+    `session` is set once the Session exists (it learns the log fields)."""
+
+    def __init__(self, context, timeout, logger, fields):
+        self.context, self.timeout, self.logger, self.fields = context, timeout, logger, fields
+        self.session = None
+
+    def __call__(self, old):
+        from common import tls
+        try:
+            tls_socket = tls.server_handshake(self.context, 0, self.timeout)
+        except (OSError, ValueError) as err:
+            self.logger.notice("tls-fail", tls_error=tls.describe_error(err), **self.fields)
+            raise lineio.Closed() from None
+        transport = tls.ServerTransport(tls_socket)
+        if self.session is not None:
+            self.session.tls = transport.fields
+        return transport

@@ -21,9 +21,12 @@ import time
 from common import authdb, cli, log, netperm, skeleton
 from pop3gw import gateway
 
-USAGE = """usage: pop3-gw [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F] [--pidfile PATH]] [--version]
-  no mode argument: inetd mode, the client on fd 0/1
+USAGE = """usage: pop3-gw [-c TABLE] [-n] [--tls] [--daemon [ADDR:]PORT] [--tls-daemon [ADDR:]PORT]
+               [-F] [--pidfile PATH] [--version]
+  no mode argument: inetd mode, the client on fd 0/1 (--tls: implicit TLS, POP3S)
   --daemon [ADDR:]PORT  listen (default port 110); each session gets its own processes
+  --tls-daemon [ADDR:]PORT  listen with implicit TLS (POP3S, default port 995),
+                        alone or beside --daemon in the same process
   -F                    with --daemon: stay in the foreground
   --pidfile PATH        with --daemon: the pid file (default /run/pop3-gw.pid)
   -c, --config TABLE    the netperm-table (default /etc/mailwall/netperm-table)
@@ -57,13 +60,14 @@ class Server(skeleton.Daemon):
 
     STANDBY_IDLE = 2.0
 
-    def __init__(self, listener, context, options, **kwargs):
-        # no per-connection handler: accept_one passes every connection to a standby
-        super().__init__(listener, None, context.logger,
-                         context.config.get("maxchildren"), on_reload=self.reload_all, **kwargs)
+    def __init__(self, listener, context, options, tls_listener=None, **kwargs):
+        listeners = [x for x in (listener, tls_listener) if x is not None]
+        super().__init__(listeners[0], context.logger,
+                         context.config.get("maxchildren"), on_reload=self.reload_all,
+                         more_listeners=listeners[1:], **kwargs)
         self.context, self.options = context, options
+        self.tls_listener = tls_listener
         self.standby = None
-        self.wake = None
 
     def reload_all(self):
         config = netperm.load(self.options.config, PROGRAM)
@@ -75,6 +79,9 @@ class Server(skeleton.Daemon):
             self.maxchildren = config.get("maxchildren")
             self.context.database = authdb.Cache(config.get("authfile"))
         self.log.info("reload", **check_database(self.context.database))
+        if self.context.server_tls is not None:
+            # sessions in progress keep the context they forked with
+            self.context.server_tls.reload(self.log)
         if self.standby is not None:
             self.retire_standby()
             self.make_standby()
@@ -101,7 +108,7 @@ class Server(skeleton.Daemon):
     def make_standby(self, connection=None):
         """Fork the next standby (`connection`: the socket the daemon holds
         now, which the standby must not keep: it gets it passed like any other)."""
-        if self.wake is None or self.stopping or len(self.children) >= self.maxchildren:
+        if self.signals is None or self.stopping or len(self.children) >= self.maxchildren:
             return
         ours, theirs = socket.socketpair()
         try:
@@ -119,24 +126,21 @@ class Server(skeleton.Daemon):
 
         def child():
             skeleton.reset_child_signals()
-            for fd in self.wake:
-                os.close(fd)
-            self.listener.close()
+            self.signals.close_in_child()
+            for listener in self.listeners:
+                listener.close()
             ours.close()
             if connection is not None:
                 connection.close()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(devnull, 1)
-            os.close(devnull)
+            skeleton.release_client()
             skeleton.silence_stderr()
             skeleton.set_title("pop3-gw: standby")
             return gateway.standby(self.context, theirs)
         skeleton.run_child(child)
 
-    def accept_one(self, wake_r, wake_w):
-        self.wake = (wake_r, wake_w)
-        conn = skeleton.accept(self.listener, self.log)
+    def accept_one(self, listener=None):
+        listener = listener or self.listener
+        conn = skeleton.accept(listener, self.log)
         if conn is None:
             return
         handed = False
@@ -150,7 +154,9 @@ class Server(skeleton.Daemon):
                     break
                 standby, self.standby = self.standby, None
                 try:
-                    socket.send_fds(standby.control, [b"c"], [conn.fileno()])
+                    # b"t": from the --tls-daemon port, the child starts with the handshake
+                    message = b"t" if listener is self.tls_listener else b"c"
+                    socket.send_fds(standby.control, [message], [conn.fileno()])
                     handed = True
                     break
                 except OSError:
@@ -193,6 +199,38 @@ def take_pidfile(argv):
     return rest, pidfile
 
 
+def take_value(argv, option):
+    """(argv without `option VALUE` / `option=VALUE`, VALUE or None)."""
+    rest, value, index = [], None, 0
+    while index < len(argv):
+        if argv[index] == option and index + 1 < len(argv):
+            value, index = argv[index + 1], index + 2
+            continue
+        if argv[index].startswith(option + "="):
+            value = argv[index].split("=", 1)[1]
+        else:
+            rest.append(argv[index])
+        index += 1
+    return rest, value
+
+
+def server_tls_of(config, wanted):
+    """The loaded common.tls.ServerTLS of tls-cert/tls-key, or None when they
+    are not set; `wanted` (an option that needs them) makes that an error.
+    A file that cannot be used is a cli.StartupError."""
+    if not (config.get("tls-cert") and config.get("tls-key")):
+        if wanted:
+            raise cli.StartupError("%s needs tls-cert and tls-key in the table" % wanted)
+        return None
+    from common import tls
+    server = tls.ServerTLS.from_config(config)
+    try:
+        server.load()
+    except (tls.TLSFileError, OSError) as err:
+        raise cli.StartupError(str(err)) from None
+    return server
+
+
 def refuse_inetd(reason):
     """Start-up failed in inetd mode: one log line (default socket), a
     temporary -ERR to the client, nothing on fd 2."""
@@ -210,29 +248,53 @@ def main(argv=None):
     error into one line (or, under inetd, refuse_inetd's -ERR)."""
     argv, pidfile = take_pidfile(sys.argv[1:] if argv is None else argv)
     inetd = cli.inetd_mode(argv)
-    options = cli.parse(argv, USAGE, with_daemon=True)
+    argv, tls_daemon = take_value(argv, "--tls-daemon")
+    options = cli.parse(argv, USAGE, long=["tls"], with_daemon=True)
+    implicit = "--tls" in options.flags
     if options.daemon is not None and not options.check:
         host, port = cli.parse_listen(options.daemon, 110)
+    if tls_daemon is not None and not options.check:
+        tls_host, tls_port = cli.parse_listen(tls_daemon, 995, option="--tls-daemon")
+    if implicit and (options.daemon is not None or tls_daemon is not None):
+        raise cli.UsageError("--tls is for inetd mode; use --tls-daemon [ADDR:]PORT")
     config = cli.load_or_die(options, PROGRAM, None if inetd else sys.stderr)
     echo = sys.stderr if options.daemon and options.foreground and sys.stderr.isatty() else None
     logger = log.Log(PROGRAM, config.get("logfacility"), config.get("logsocket"), echo)
     database = authdb.Cache(config.get("authfile"))
     context = gateway.Context(config, database, logger)
-    if options.daemon is None:
-        return gateway.connection(context)
+    if options.daemon is None and tls_daemon is None:
+        # inetd mode reads the certificate and key at each connection (as root)
+        context.server_tls = server_tls_of(config, "--tls" if implicit else None)
+        return gateway.connection(context, implicit)
+    context.server_tls = server_tls_of(config, "--tls-daemon" if tls_daemon is not None
+                                       else None)
     checked = check_database(database)
     if checked["reason"]:
         logger.error("authfile", reason=checked["reason"])
     skeleton.check_pidfile(pidfile)     # "already running" before "address in use"
-    listener = skeleton.listen(host, port, name="--daemon %s" % options.daemon)
+    listener = tls_listener = None
+    titles = []
+    if options.daemon is not None:
+        listener = skeleton.listen(host, port, name="--daemon %s" % options.daemon)
+        titles.append("%s:%d" % (host, port))
+    if tls_daemon is not None:
+        tls_listener = skeleton.listen(tls_host, tls_port, name="--tls-daemon %s" % tls_daemon)
+        titles.append("%s:%d (TLS)" % (tls_host, tls_port))
+    listeners = [x for x in (listener, tls_listener) if x is not None]
     if options.foreground:
         skeleton.write_pidfile(pidfile)
     else:
-        skeleton.daemonize(pidfile, keep_fds=[listener.fileno()]
+        skeleton.daemonize(pidfile, keep_fds=[x.fileno() for x in listeners]
                            + ([logger.sock.fileno()] if logger.sock else []), logger=logger)
-    logger.info("listen", addr=host, port=port, users=checked["users"])
-    Server(listener, context, options, busy_reply=b"-ERR [SYS/TEMP] too busy, try later\r\n",
-           title="pop3-gw: listening on %s:%d" % (host, port)).run()
+    if listener is not None:
+        logger.info("listen", addr=host, port=port, users=checked["users"],
+                    **({"tls": "stls"} if context.server_tls else {}))
+    if tls_listener is not None:
+        logger.info("listen", addr=tls_host, port=tls_port, users=checked["users"],
+                    tls="implicit")
+    Server(listener, context, options, tls_listener=tls_listener,
+           busy_reply=b"-ERR [SYS/TEMP] too busy, try later\r\n",
+           title="pop3-gw: listening on %s" % " ".join(titles)).run()
     return 0
 
 

@@ -47,11 +47,15 @@ PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"     # common.proxyproto.SIGNATURE
 class Settings:
     """What the netperm-table says for pop3-gw sessions."""
 
-    def __init__(self, server=None, userpass=False, rules=(), hostname="localhost"):
+    def __init__(self, server=None, userpass=False, rules=(), hostname="localhost",
+                 tls_configured=False, require_tls=False):
         self.server = server            # (host, port) or None
         self.userpass = userpass
         self.rules = list(rules)
         self.hostname = hostname
+        # tls-cert and tls-key are set: USER/PASS only inside TLS
+        self.tls_configured = tls_configured
+        self.require_tls = require_tls  # APOP and USER only inside TLS (require-tls yes)
 
 
 class Login:
@@ -121,8 +125,15 @@ def split_name(name):
 class Session:
     """greeting(), then feed(bytes) -> reply bytes until `closed` or `login`."""
 
-    def __init__(self, settings, peer, authority, timestamp, log):
+    def __init__(self, settings, peer, authority, timestamp, log, stls=False, tls=None):
         self.settings = settings
+        # STLS (RFC 2595), the Conversation's transport seam: `stls` when a
+        # server context is there and the connection is plain; `tls` the
+        # log fields of the TLS session ({"tls":, "cipher":}), from the
+        # start under POP3S, or set by the caller's switch after STLS.
+        self.stls = stls
+        self.tls = tls
+        self.switch_request = None
         self.peer = peer
         self.authority = authority      # verify(user, digest) -> ("ok"|"refused", reason)
         self.timestamp = timestamp      # the authority checks digests against this one
@@ -136,7 +147,7 @@ class Session:
         self.rest = b""
         self.commands = {
             b"CAPA": self.do_capa, b"APOP": self.do_apop, b"QUIT": self.do_quit,
-            b"USER": self.do_user, b"PASS": self.do_pass,
+            b"USER": self.do_user, b"PASS": self.do_pass, b"STLS": self.do_stls,
         }
 
     @property
@@ -151,6 +162,10 @@ class Session:
         self.log.notice("timeout", addr=self.peer.addr_text, reason="idle client")
         self.state = CLOSED
         return b""
+
+    def eof(self):
+        """The client went away (or took no reply): nothing more to say."""
+        self.state = CLOSED
 
     def feed(self, data):
         if data.startswith(PROXY_V2_SIGNATURE) and not self.splitter.pending() \
@@ -170,6 +185,10 @@ class Session:
                 replies.append(self.error(b"-ERR command line too long\r\n", "line too long"))
             else:
                 replies.append(self.command(line[:-2]))
+                if self.switch_request:
+                    # Nothing after the STLS line is taken: it came in the
+                    # clear, and the Conversation refuses it (switch_refused).
+                    break
         if self.state == LOGGED_IN:
             self.rest = self.splitter.take_rest()
         return b"".join(replies)
@@ -210,9 +229,59 @@ class Session:
     def do_capa(self, argument):
         lines = [b"+OK Capability list follows", b"IMPLEMENTATION mailwall-pop3-gw",
                  b"RESP-CODES", b"AUTH-RESP-CODE"]
-        if self.settings.userpass:
+        if self.offers_stls():
+            lines.append(b"STLS")
+        if self.userpass_allowed():
             lines.append(b"USER")
         return b"\r\n".join(lines + [b".", b""])
+
+    def offers_stls(self):
+        return self.stls and self.tls is None
+
+    def userpass_allowed(self):
+        """USER/PASS: only with `userpass yes`, and only inside TLS when
+        the gateway has a certificate (a password never crosses in the clear
+        where it need not)."""
+        return self.settings.userpass and (self.tls is not None
+                                           or not self.settings.tls_configured)
+
+    def tls_refusal(self, what):
+        """None, or the answer to a login attempt that must wait for STLS."""
+        if self.tls is not None:
+            return None
+        if self.settings.require_tls or (what == "USER" and self.settings.tls_configured
+                                         and self.settings.userpass):
+            return self.error(b"-ERR [AUTH] TLS required: send STLS first\r\n",
+                              "%s before STLS" % what)
+        return None
+
+    def do_stls(self, argument):
+        if not self.stls:
+            return self.error(b"-ERR unknown command; log in with APOP first\r\n",
+                              "STLS without tls-cert")
+        if self.tls is not None:
+            return self.error(b"-ERR TLS already active\r\n", "second STLS")
+        if argument:
+            return self.error(b"-ERR usage: STLS\r\n", "argument to STLS")
+        self.pending_user = None
+        self.switch_request = True
+        return b"+OK Begin TLS negotiation\r\n"
+
+    def switch_refused(self):
+        """The client sent more after its STLS line, in the clear, before
+        the handshake: never executed (CVE-2011-0411); the session ends."""
+        self.switch_request = None
+        self.log.notice("refuse", addr=self.peer.addr_text,
+                        reason="input after STLS before the TLS handshake"
+                               " (command injection); nothing executed")
+        return self.close(b"-ERR input after STLS before the TLS handshake\r\n")
+
+    def switched(self):
+        """The handshake is done (self.tls set by the caller's switch):
+        RFC 2595 §4, what was said before counts for nothing."""
+        self.switch_request = None
+        self.pending_user = None
+        self.log.info("stls", addr=self.peer.addr_text, **(self.tls or {}))
 
     def do_quit(self, argument):
         return self.close(b"+OK mailwall pop3-gw signing off\r\n")
@@ -221,6 +290,9 @@ class Session:
         if not self.settings.userpass:
             return self.error(b"-ERR USER/PASS not allowed here; use APOP\r\n",
                               "USER without userpass")
+        refused = self.tls_refusal("USER")
+        if refused is not None:
+            return refused
         if not argument or " " in argument:
             return self.error(b"-ERR usage: USER name\r\n", "malformed USER")
         self.pending_user = argument
@@ -230,13 +302,16 @@ class Session:
         if not self.settings.userpass:
             return self.error(b"-ERR USER/PASS not allowed here; use APOP\r\n",
                               "PASS without userpass")
-        if self.pending_user is None:
+        if self.pending_user is None or not self.userpass_allowed():
             return self.error(b"-ERR USER first\r\n", "PASS before USER")
         name, self.pending_user = self.pending_user, None
         # the password never leaves this process: the monitor checks its digest
         return self.authenticate(name, apop.digest(self.timestamp, argument), "PASS")
 
     def do_apop(self, argument):
+        refused = self.tls_refusal("APOP")
+        if refused is not None:
+            return refused
         words = argument.split(" ")
         if len(words) != 2 or not words[0]:
             return self.error(b"-ERR usage: APOP name digest\r\n", "malformed APOP")

@@ -23,7 +23,7 @@ import stat
 import sys
 import time
 
-from common import cli, fsguard, hostmatch, lineio, log, privs, skeleton, spool
+from common import cli, conversation, fsguard, hostmatch, lineio, log, privs, skeleton, spool
 from smap import policy, session
 
 USAGE = """usage: smap [-c TABLE] [-n] [--daemon [ADDR:]PORT [-F]] [--version]
@@ -92,7 +92,14 @@ def connection(config, logger, worker=None):
         channel.discard_pending()
         return 0
     relay_ok = hostmatch.list_matches(config.get("permit-relay") or [], peer.addr, peer.name)
-    settings = session.Settings(hostname, config.get("maxbytes"), config.get("maxrecip"))
+    # STARTTLS only on a socket (not on `swaks --pipe`'s pipes); the context
+    # is made before the jail: inetd mode reads the files now, as root.
+    tls_context = None
+    if sock is not None:
+        tls_context = worker.tls_context if worker is not None else load_tls(config, logger)
+    require_tls = hostmatch.list_matches(config.get("require-tls") or [], peer.addr, peer.name)
+    settings = session.Settings(hostname, config.get("maxbytes"), config.get("maxrecip"),
+                                starttls=tls_context is not None, require_tls=require_tls)
     hooks = policy.standard_hooks(config.get("accept-domains") or (), relay_ok)
     if config.get("verify-recipients"):
         from smap import verify     # issue 14: imported only when on, and before the jail
@@ -115,33 +122,22 @@ def connection(config, logger, worker=None):
         if not jailed:
             logger.warning("unprivileged", reason="not started as root: no chroot, no setuid")
     smtp = session.Session(settings, hooks, peer, "/" if jailed else directory, logger)
-    timeout = config.get("timeout")
+    switch = None
+    if tls_context is not None:
+        switch = starttls_switch(tls_context, smtp, config.get("timeout"), logger)
+    dialogue = conversation.Conversation(channel, smtp, config.get("timeout"),
+                                         detect_pregreet=True, switch=switch)
     try:
-        if channel.readable_now():
-            channel.write(smtp.pregreet(pregreet_reason()))
-        else:
-            channel.write(smtp.greeting())
-        # `timeout` bounds a whole command or DATA line, not each read.
-        deadline = lineio.LineDeadline(timeout, smtp.splitter)
-        while not smtp.closed:
-            try:
-                data = deadline.read(channel)
-            except lineio.Timeout:
-                channel.write(smtp.timeout())
-                break
-            except lineio.Closed:
-                smtp.eof()
-                break
-            reply = smtp.feed(data)
-            deadline.fed()
-            if reply:
-                channel.write(reply)
-    except lineio.Closed:
-        smtp.eof()
-    channel.discard_pending()
+        smtp.explain_pregreet = pregreet_reason
+        dialogue.run()
+        dialogue.close()
+    finally:
+        if dialogue.transport is not channel:
+            dialogue.transport.close()      # the TLS layer's dup of fd 0
     logger.info("disconnect", host=peer.name_text, addr=peer.addr_text,
-                messages=smtp.messages, bytes_in=channel.bytes_in,
-                bytes_out=channel.bytes_out, duration="%.3f" % (time.monotonic() - started))
+                messages=smtp.messages, bytes_in=dialogue.bytes_in,
+                bytes_out=dialogue.bytes_out, duration="%.3f" % (time.monotonic() - started),
+                **(smtp.tls or {}))
     return 0
 
 
@@ -192,6 +188,60 @@ def pregreet_reason():
     return None
 
 
+def load_tls(config, logger):
+    """inetd mode: the server context from tls-cert and tls-key, read now
+    (as root, before the jail), or None: not configured, or the files are
+    unusable (logged; the session goes on without STARTTLS, as Postfix's
+    smtpd does, and `smap -n` names the problem)."""
+    if not (config.get("tls-cert") and config.get("tls-key")):
+        return None
+    from common import tls      # imports ssl: only when TLS is configured
+    server = tls.ServerTLS.from_config(config)
+    try:
+        return server.load()
+    except (tls.TLSFileError, OSError) as err:
+        logger.error("tls", reason=str(err), tls_error="no STARTTLS offered")
+        return None
+
+
+def starttls_switch(context, smtp, timeout, logger):
+    """The Conversation's switch for STARTTLS: the handshake on fd 0, bounded
+    by timeout; a failure is logged with tls_error= and ends the session."""
+    from common import tls
+
+    def switch(old):
+        try:
+            tls_socket = tls.server_handshake(context, 0, timeout)
+        except (OSError, ValueError) as err:     # ssl.SSLError is an OSError
+            logger.notice("tls-fail", addr=smtp.peer.addr_text,
+                          tls_error=tls.describe_error(err))
+            raise lineio.Closed() from None
+        transport = tls.ServerTransport(tls_socket)
+        smtp.tls = transport.fields
+        return transport
+    return switch
+
+
+_daemon_tls = []
+
+
+def daemon_tls(config):
+    """--daemon: the root parent's ServerTLS (read once; SIGHUP reloads it
+    and new workers fork with the new context), or None without TLS.  A
+    file that cannot be used stops start-up (cli.StartupError)."""
+    if not (config.get("tls-cert") and config.get("tls-key")):
+        return None
+    if not _daemon_tls:
+        from common import tls
+        server = tls.ServerTLS.from_config(config)
+        try:
+            server.load()
+        except (tls.TLSFileError, OSError) as err:
+            raise cli.StartupError(str(err)) from None
+        _daemon_tls.append(server)
+    return _daemon_tls[0]
+
+
 def jail(config, before_chroot=None):
     """Make sure of the spool, then chroot to it and drop to userid (True),
     or nothing when not started as root (False).  before_chroot(uid, gid)
@@ -230,8 +280,11 @@ class SessionWorker:
     import that module).  The pool has closed the parent's descriptors
     before this runs; this opens only its log socket and its helper."""
 
-    def __init__(self, config, logger):
+    def __init__(self, config, logger, tls_context=None):
         self.config, self.logger = config, logger
+        # The parent's server context as it was at this worker's fork (a
+        # SIGHUP makes new workers with the new one and retires this one).
+        self.tls_context = tls_context
         self.lookup = None
         self.jailed = False
         # A socket of its own, opened before the chroot: the parent's may be
@@ -315,6 +368,8 @@ def main(argv=None):
         # every connection.  (Callers that pass argv get a return instead.)
         os._exit(status)
     default_hostname()          # once, not in every child
+    if config.get("tls-cert") and config.get("tls-key"):
+        daemon_tls(config)      # a bad certificate or key stops start-up here, before listening
     # --daemon only (inetd mode must not pay for them), and before the workers fork
     from common import lookup, proxyproto, workers  # noqa: F401  (lookup, proxyproto: for the workers)
     if config.get("verify-recipients"):
@@ -323,12 +378,15 @@ def main(argv=None):
     if not options.foreground:
         skeleton.daemonize(keep_fds=[listener.fileno()] + ([logger.sock.fileno()] if logger.sock else []),
                            logger=logger)
-    logger.info("listen", addr=host, port=port)
+    server_tls = daemon_tls(config)
+    logger.info("listen", addr=host, port=port, **({"tls": "starttls"} if server_tls else {}))
     server = workers.WorkerPool(
-        listener, lambda: SessionWorker(config, logger), logger,
+        listener, lambda: SessionWorker(config, logger,
+                                        server_tls.context if server_tls else None), logger,
         config.get("maxchildren"), config.get("maxuse"),
         busy_reply=b"421 4.3.2 Too many connections, try again later\r\n",
-        title="smap: listening on %s:%d" % (host, port), idle_title="smap: waiting")
+        title="smap: listening on %s:%d" % (host, port), idle_title="smap: waiting",
+        on_reload=(lambda: server_tls.reload(logger)) if server_tls else None)
     server.run()
     return 0
 

@@ -60,10 +60,13 @@ class Settings:
     """What the netperm-table says for this connection that is not policy:
     the name smap gives itself and the protocol's limits."""
 
-    def __init__(self, hostname, maxbytes=10485760, maxrecip=100):
+    def __init__(self, hostname, maxbytes=10485760, maxrecip=100, starttls=False,
+                 require_tls=False):
         self.hostname = hostname
         self.maxbytes = maxbytes
         self.maxrecip = maxrecip
+        self.starttls = starttls        # a server context is loaded: EHLO offers STARTTLS
+        self.require_tls = require_tls  # this client must STARTTLS before MAIL (require-tls)
 
 
 class Envelope:
@@ -105,7 +108,11 @@ class Session:
         self.esmtp = False
         self.messages = 0
         self.notes = {}             # hooks' own state for this connection
+        self.explain_pregreet = None    # () -> why talk before the banner is refused, or None
         self.envelope = Envelope()
+        # STARTTLS (RFC 3207): the Conversation's transport seam.
+        self.switch_request = None  # set by STARTTLS's 220: switch the transport now
+        self.tls = None             # after the handshake: {"tls": VERSION, "cipher": NAME}
 
     # -- state and transaction ----------------------------------------------
     def enter(self, state):
@@ -152,6 +159,8 @@ class Session:
 
     def pregreet(self, reason=None):
         """The client talked before the banner: refuse, spool nothing."""
+        if reason is None and self.explain_pregreet is not None:
+            reason = self.explain_pregreet()
         self.log.notice("reject", addr=self.peer.addr_text,
                         reason=reason or "talked before the banner")
         return self.close(b"554 5.5.0 Protocol error: talked before the greeting\r\n")
@@ -204,6 +213,11 @@ class Session:
                 replies.append(self.data_line(kind, line))
                 continue
             replies.append(self.command_line(kind, line))
+            if self.switch_request:
+                # Not one more line from the splitter: whatever follows the
+                # STARTTLS line came in the clear, and the Conversation
+                # refuses it (switch_refused) instead of switching.
+                break
             # The kept tail of an over-long line is not a second command.
             if self.state != State.CLOSED and splitter.pending() and not splitter.skipping:
                 replies.append(self.improper_pipelining())
@@ -296,13 +310,17 @@ class Session:
         host = self.settings.hostname.encode()
         if not extended:
             return b"250 %s\r\n" % host
-        return (b"250-%s\r\n250-SIZE %d\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
-                % (host, self.settings.maxbytes))
+        starttls = b"250-STARTTLS\r\n" if self.settings.starttls and self.tls is None else b""
+        return (b"250-%s\r\n250-SIZE %d\r\n250-8BITMIME\r\n%s250 ENHANCEDSTATUSCODES\r\n"
+                % (host, self.settings.maxbytes, starttls))
 
     def cmd_ehlo(self, argument):
         return self.cmd_helo(argument, extended=True)
 
     def cmd_mail(self, argument):
+        if self.settings.require_tls and self.tls is None:
+            return self.error(b"530 5.7.0 Must issue a STARTTLS command first\r\n",
+                              "MAIL before STARTTLS (require-tls)")
         path, params, problem = split_path(argument, "FROM:")
         if problem:
             return self.error(b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n", problem)
@@ -390,12 +408,53 @@ class Session:
         peer, envelope = self.peer, self.envelope
         # RFC 5321 §4.1.3: an IPv6 address literal is written [IPv6:...]
         literal = ("IPv6:" if ":" in peer.addr_text else "") + peer.addr_text
-        header = ("Received: from %s (%s [%s])\r\n\tby %s (mailwall smap) with %s id %s"
-                  % (self.helo, peer.name_text, literal, self.settings.hostname,
-                     "ESMTP" if self.esmtp else "SMTP", envelope.id))
+        if self.tls is None:
+            using, protocol = "", "ESMTP" if self.esmtp else "SMTP"
+        else:
+            # RFC 3848: ESMTPS; the protocol and cipher in a comment, as Postfix does
+            using = "\r\n\t(using %s with cipher %s)" % (self.tls["tls"], self.tls["cipher"])
+            protocol = "ESMTPS"
+        header = ("Received: from %s (%s [%s])%s\r\n\tby %s (mailwall smap) with %s id %s"
+                  % (self.helo, peer.name_text, literal, using, self.settings.hostname,
+                     protocol, envelope.id))
         if len(envelope.recipients) == 1:
             header += "\r\n\tfor <%s>" % envelope.recipients[0]
         return ("%s; %s\r\n" % (header, when)).encode("ascii", "replace")
+
+    # -- STARTTLS (RFC 3207) ------------------------------------------------
+    def cmd_starttls(self, argument):
+        if not self.settings.starttls:
+            return self.cmd_unimplemented(argument)
+        if self.tls is not None:
+            return self.error(b"554 5.5.1 Error: TLS already active\r\n", "second STARTTLS")
+        if argument:
+            return self.error(b"501 5.5.4 Syntax: STARTTLS\r\n", "argument to STARTTLS")
+        if self.state == State.CONNECTED:
+            return self.error(b"503 5.5.1 Error: send EHLO first\r\n", "STARTTLS before EHLO")
+        if self.state != State.HELLO:
+            return self.error(b"503 5.5.1 Error: MAIL transaction in progress\r\n",
+                              "STARTTLS in a transaction")
+        self.switch_request = True
+        return b"220 2.0.0 Ready to start TLS\r\n"
+
+    def switch_refused(self):
+        """The client sent more after its STARTTLS line, in the clear, before
+        the handshake: never executed (CVE-2011-0411); the session ends."""
+        self.switch_request = None
+        self.log.notice("reject", addr=self.peer.addr_text,
+                        reason="input after STARTTLS before the TLS handshake"
+                               " (command injection); nothing executed")
+        return self.close(b"554 5.5.0 Error: input after STARTTLS before the TLS handshake\r\n")
+
+    def switched(self):
+        """The handshake is done (self.tls set by the caller's switch): the
+        session starts over (RFC 3207 §4.2), EHLO again, no STARTTLS."""
+        self.switch_request = None
+        self.new_envelope()
+        self.helo = None
+        self.esmtp = False
+        self.enter(State.CONNECTED)
+        self.log.info("starttls", addr=self.peer.addr_text, **(self.tls or {}))
 
     def cmd_rset(self, argument):
         self.new_envelope()
@@ -526,7 +585,8 @@ class Session:
         message_id = envelope.id
         self.log.info("message", **{"id": message_id, "from": "<%s>" % envelope.sender,
                                     "nrcpt": len(envelope.recipients), "size": envelope.size,
-                                    "to": ",".join("<%s>" % r for r in envelope.recipients)})
+                                    "to": ",".join("<%s>" % r for r in envelope.recipients),
+                                    **(self.tls or {})})
         if quarantine:
             self.log.notice("quarantine", id=message_id, hook=quarantine[0], stage=policy.DATA,
                             reason=quarantine[1])
@@ -621,5 +681,6 @@ COMMANDS = {
     "VRFY": Command(Session.cmd_vrfy),
     "EXPN": Command(Session.cmd_expn),
 }
-for _verb in ("TURN", "ETRN", "BDAT", "STARTTLS", "AUTH", "ATRN", "SEND", "SAML", "SOML"):
+COMMANDS["STARTTLS"] = Command(Session.cmd_starttls)
+for _verb in ("TURN", "ETRN", "BDAT", "AUTH", "ATRN", "SEND", "SAML", "SOML"):
     COMMANDS[_verb] = Command(Session.cmd_unimplemented)

@@ -511,13 +511,8 @@ class Agent:
         skeleton.set_title("smapd: agent")
         # SIGTERM to the group must not cut deliveries short: the scanner
         # closes the channel when it stops, and that ends the agent.
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        wake_read, wake_write = os.pipe()
-        os.set_blocking(wake_read, False)
-        os.set_blocking(wake_write, False)
-        signal.set_wakeup_fd(wake_write)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signals = skeleton.Signals({signal.SIGTERM: None, signal.SIGUSR1: signal.SIG_IGN,
+                                    signal.SIGCHLD: None})
         open_channel = True
         while True:
             self.reap()
@@ -525,17 +520,13 @@ class Agent:
                 self.start(*self.waiting.popleft())
             if not open_channel and not self.children:
                 break
-            watched = [wake_read] + ([self.channel] if open_channel else [])
+            watched = [signals] + ([self.channel] if open_channel else [])
             try:
                 ready, _, _ = select.select(watched, [], [], 5.0)
             except InterruptedError:
                 continue
-            if wake_read in ready:
-                try:
-                    while os.read(wake_read, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+            if signals in ready:
+                signals.drain()
             if open_channel and self.channel in ready:
                 open_channel = self.receive()
                 if not open_channel:
@@ -617,20 +608,16 @@ class Agent:
             self.log.error("agent-report", id=message_id, reason=err.strerror or str(err))
 
     def reap(self):
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.children.clear()
-                return
-            if pid == 0:
-                return
-            request = self.children.pop(pid, None)
-            if request is not None and status != 0:
-                # the worker died before it could report: nothing is known
-                self.log.error("worker-died", id=request["id"], status=status)
-                self.report(request["id"], [(r, "temp", "delivery process died")
-                                            for r in request["hub"] + request["mta"]])
+        if self.children and not skeleton.reap_children(self.ended):
+            self.children.clear()
+
+    def ended(self, pid, status):
+        request = self.children.pop(pid, None)
+        if request is not None and status != 0:
+            # the worker died before it could report: nothing is known
+            self.log.error("worker-died", id=request["id"], status=status)
+            self.report(request["id"], [(r, "temp", "delivery process died")
+                                        for r in request["hub"] + request["mta"]])
 
     def work(self, request, fd):
         """In the worker: deliver, report, exit 0 (any other exit means 'died')."""

@@ -104,24 +104,21 @@ class Scanner:
         self.seen = set()               # names counted as received (metrics)
 
     # -- signals -------------------------------------------------------------
-    def on_term(self, signum, frame):
+    def on_term(self):
         self.stopping = True
 
-    def on_flush(self, signum, frame):
+    def on_flush(self):
         self.flush = True
         self.rescan = True
 
     # -- the loop ------------------------------------------------------------
     def run(self):
         skeleton.set_title("smapd: scanner")
-        wake_read, wake_write = skeleton.signal_pipe()
-        signal.signal(signal.SIGTERM, self.on_term)
-        signal.signal(signal.SIGINT, self.on_term)
-        signal.signal(signal.SIGUSR1, self.on_flush)
-        signal.signal(signal.SIGHUP, self.on_flush)
+        signals = skeleton.Signals({signal.SIGTERM: self.on_term, signal.SIGINT: self.on_term,
+                                    signal.SIGUSR1: self.on_flush, signal.SIGHUP: self.on_flush})
         state.sweep_orphans(self.base)
         try:
-            return self.loop(wake_read)
+            return self.loop(signals.fileno())
         finally:
             self.sync_removals()
             self.write_metrics(force=True)
@@ -161,9 +158,9 @@ class Scanner:
             except InterruptedError:
                 continue
             if wake_read in ready:
-                drain(wake_read)
+                skeleton.drain(wake_read)
             if self.trigger_fd is not None and self.trigger_fd in ready:
-                drain(self.trigger_fd)
+                skeleton.drain(self.trigger_fd)
                 self.rescan = True
             if self.channel in ready and not self.receive():
                 self.log.error("agent-lost", reason="the delivery agent went away",
@@ -573,10 +570,3 @@ class Scanner:
             return
         self.log.notice("notice", id=name, notice_id=new_id, to="<%s>" % self.postmaster)
 
-
-def drain(fd):
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
