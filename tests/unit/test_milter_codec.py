@@ -365,3 +365,20 @@ def test_a_broken_milter_with_default_accept_is_asked_nothing_more():
     assert one.connection is None and sent == 0
     (fields,) = [f for _, e, f in log.events if e == "milter"]
     assert fields["verdict"] == "error" and fields["action"] == "accept"
+
+
+# -- the table's attributes -------------------------------------------------------
+
+def test_the_table_checks_milter_attributes():
+    from common import netperm, params
+    declared = params.for_program(params.SMAP)
+    assert netperm.convert(declared["milters"], ["unix:/Run/Milter.sock", "inet:[::1]:99"]) == \
+        ["unix:/Run/Milter.sock", "inet:[::1]:99"]         # not lower-cased
+    for bad in (["inet:localhost:25"], ["unix:x"], ["unix:/m"] * 21):
+        with pytest.raises(ValueError):
+            netperm.convert(declared["milters"], bad)
+    assert netperm.convert(declared["milter-default-action"], ["Accept"]) == "accept"
+    with pytest.raises(ValueError):
+        netperm.convert(declared["milter-default-action"], ["quarantine"])
+    with pytest.raises(ValueError):
+        netperm.convert(declared["milter-timeout"], ["0"])
