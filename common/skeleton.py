@@ -183,15 +183,16 @@ def take_client(fd):
         os.close(fd)
 
 
-def release_client():
+def release_client(devnull=None):
     """Point fds 0 and 1 at /dev/null: this process is done with its
     client's connection (or never had one), and whatever still writes or
-    reads there must not reach a client or block."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    if devnull > 1:
-        os.close(devnull)
+    reads there must not reach a client or block.  A jailed process has no
+    /dev/null: it passes a descriptor on it opened before the jail."""
+    fd = os.open(os.devnull, os.O_RDWR) if devnull is None else devnull
+    os.dup2(fd, 0)
+    os.dup2(fd, 1)
+    if devnull is None and fd > 1:
+        os.close(fd)
 
 
 def accept(listener, log):

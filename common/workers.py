@@ -425,7 +425,8 @@ class WorkerPool:
             state["stop"] = True        # busy: finish this connection, take no other
         signal.signal(signal.SIGTERM, on_term)
         self.shed(control, parent_end)
-        skeleton.release_client()
+        devnull = os.open(os.devnull, os.O_RDWR)    # kept: the jail has no /dev/null
+        skeleton.release_client(devnull)
         silence_stderr()
 
         def tell(message):
@@ -462,7 +463,7 @@ class WorkerPool:
                         result = NOT_READY
                 finally:
                     # The connection ends here, whatever happened in it.
-                    skeleton.release_client()
+                    skeleton.release_client(devnull)
                 if result not in (0, None):
                     return result
                 state["busy"] = False
